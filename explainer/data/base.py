@@ -1,0 +1,187 @@
+"""What every dataset shares: samples, joint transforms, seeded subsets, the datamodule.
+
+A sample is a dict:
+
+* ``image``: float (3, H, W) in [0, 1];
+* ``labels``: float multi-hot (C,) (one-hot for single-label data);
+* ``mask``: long (H, W), 0 background, ``c + 1`` for class ``c``, 255 void or
+  unknown (VOC's boundary band, or an image without segmentation);
+* ``has_mask``: bool, whether ``mask`` holds ground truth;
+* ``index``: position in the dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import albumentations as A
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Subset
+
+IGNORE = 255
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An RGB uint8 array (H, W, 3); a clear error for a missing or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image: no such file {str(path)!r}")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"image: {str(path)!r} is not a readable image (corrupt or truncated): {err}") from err
+
+
+def read_index_png(path: str | os.PathLike) -> np.ndarray:
+    """A palette/greyscale PNG as its raw index array (H, W) uint8."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise ValueError(f"mask: {str(path)!r} has mode {im.mode}, expected a palette or greyscale PNG")
+            return np.asarray(im)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"mask: {str(path)!r} is not a readable PNG: {err}") from err
+
+
+def build_transforms(image_size: int | None, train: bool, crop_scale: Sequence[float] | None = None,
+                     hflip: bool = True, rotate90: bool = False) -> A.Compose:
+    """albumentations pipeline applied jointly to image and mask.
+
+    Train: optional random resized crop (nearest for the mask, so class
+    indices and void survive; a crop may cut an object out while its label
+    stays, so it is off by default), horizontal flip, optional 90-degree
+    rotations. Eval: resize only.
+    """
+    ops: list[Any] = []
+    if image_size is not None:
+        if train and crop_scale is not None and tuple(crop_scale) != (1.0, 1.0):
+            ops.append(A.RandomResizedCrop(size=(image_size, image_size), scale=tuple(crop_scale), ratio=(0.8, 1.25)))
+        else:
+            ops.append(A.Resize(image_size, image_size))
+    if train and hflip:
+        ops.append(A.HorizontalFlip(p=0.5))
+    if train and rotate90:
+        ops.append(A.RandomRotate90(p=1.0))
+    return A.Compose(ops)
+
+
+class SegClsDataset(Dataset):
+    """Base dataset: subclasses give ``__len__`` and ``load(i) -> (rgb, labels, mask|None)``."""
+
+    def __init__(self, class_names: Sequence[str], transform: A.Compose | None = None):
+        self.class_names = list(class_names)
+        self.transform = transform
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rgb, labels, mask = self.load(i)
+        has_mask = mask is not None
+        if mask is None:
+            mask = np.full(rgb.shape[:2], IGNORE, np.uint8)
+        if mask.shape != rgb.shape[:2]:
+            raise ValueError(f"sample {i}: mask shape {mask.shape} does not match image shape {rgb.shape[:2]}")
+        if self.transform is not None:
+            out = self.transform(image=rgb, mask=mask)
+            rgb, mask = out["image"], out["mask"]
+        image = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float().div_(255)
+        return {"image": image, "labels": torch.as_tensor(labels, dtype=torch.float32),
+                "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(),
+                "has_mask": torch.tensor(has_mask), "index": i}
+
+
+def seeded_subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A fixed random subset of ``limit`` items (all when None or larger)."""
+    if limit is None or limit >= len(ds):
+        return ds
+    if limit <= 0:
+        raise ValueError(f"limit: expected a positive number of images, got {limit}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=g)[:limit].sort().values.tolist()
+    return Subset(ds, idx)
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Shared datamodule logic: splits, seeded subsets, loaders.
+
+    Args:
+        batch_size: images per batch (per process under DDP).
+        num_workers: DataLoader worker processes.
+        image_size: side length images are resized (and cropped) to.
+        augment: augment the train split (flip, plus the two options below).
+        crop_scale: (min, max) area of a random resized crop; None: no crop.
+        rotate90: random 90-degree rotations (for rotation-invariant data).
+        limit_train, limit_val, limit_test: seeded subsets of each split.
+        seed: the seed of those subsets.
+    """
+
+    multilabel: bool = True
+
+    def __init__(self, batch_size: int = 32, num_workers: int = 2, image_size: int = 128, augment: bool = True,
+                 crop_scale: tuple[float, float] | None = None, rotate90: bool = False, limit_train: int | None = None, limit_val: int | None = None, limit_test: int | None = None,
+                 seed: int = 0):
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.augment = augment
+        self.crop_scale = crop_scale
+        self.rotate90 = rotate90
+        self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
+        self.seed = seed
+        self.datasets: dict[str, Dataset] = {}
+
+    # subclasses
+    def make_dataset(self, split: str, transform: A.Compose) -> SegClsDataset:
+        raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def dataset(self, split: str, train_transform: bool | None = None) -> Dataset:
+        """The (subset of the) split, with train augmentation only on 'train' unless told."""
+        aug = (split == "train" and self.augment) if train_transform is None else train_transform
+        tf = build_transforms(self.image_size, train=aug, crop_scale=self.crop_scale, rotate90=self.rotate90)
+        ds = self.make_dataset(split, tf)
+        return seeded_subset(ds, self.limits.get(split), self.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, ("train", "val", "test")):
+            if split not in self.datasets:
+                self.datasets[split] = self.dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.datasets[split] = self.dataset(split)
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          drop_last=shuffle and len(self.datasets[split]) > self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

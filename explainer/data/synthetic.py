@@ -1,0 +1,410 @@
+"""The embedded benchmark: synthetic shapes written as a PASCAL VOC-2007 tree.
+
+Objects belong to one of :data:`CLASSES` and are told apart by *shape* only:
+every object gets a random colour and a random texture, a random size,
+position and rotation, and may be partly occluded by later objects.
+Distractor shapes (elongated ellipses, scribbles, small random polygons with
+no class) and textured backgrounds make the task need the objects' outlines.
+
+The tree holds what VOC holds: ``JPEGImages``, palette PNGs in
+``SegmentationClass`` (class index per pixel, 0 background, 255 "void" band
+along object boundaries) and ``SegmentationObject``, ``Annotations`` XML,
+``ImageSets/Main/{split}.txt`` with the per-class ``<class>_<split>.txt``
+files, and ``ImageSets/Segmentation/{split}.txt``.
+
+Spurious-context variant: with ``spurious_class`` set, in the *train* split
+an image that contains that class gets the special ``"grid"`` background with
+probability ``spurious_p``; in val/test the grid background is never tied to
+the class (it appears with probability ``spurious_p`` independent of labels).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+CLASSES: tuple[str, ...] = (
+    "circle",
+    "cross",
+    "crescent",
+    "ell",
+    "ring",
+    "square",
+    "star",
+    "triangle",
+)  # alphabetical, as VOC's class order is: segmentation index = position + 1
+
+SPLITS = ("train", "val", "test")
+VOID = 255
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (bit-interleaved), 256 entries, flat RGB."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+# ---------------------------------------------------------------- shapes --
+def _regular(n: int, r: float, phase: float = 0.0) -> np.ndarray:
+    t = phase + np.arange(n) * 2 * math.pi / n
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+
+def _shape_polygons(name: str, r: float) -> list[tuple[np.ndarray, bool]]:
+    """Polygons of a unit-centred shape of radius ``r``: (points, filled?).
+
+    A polygon with ``filled=False`` is cut out of the previous ones (holes).
+    """
+    if name == "circle":
+        return [(_regular(48, r), True)]
+    if name == "ring":
+        return [(_regular(48, r), True), (_regular(48, 0.55 * r), False)]
+    if name == "square":
+        return [(_regular(4, r, math.pi / 4), True)]
+    if name == "triangle":
+        return [(_regular(3, r * 1.1, -math.pi / 2), True)]
+    if name == "star":
+        t = np.arange(10) * math.pi / 5 - math.pi / 2
+        rad = np.where(np.arange(10) % 2 == 0, r * 1.1, r * 0.45)
+        return [(np.stack([rad * np.cos(t), rad * np.sin(t)], 1), True)]
+    if name == "cross":
+        a, b = r, r * 0.33
+        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a),
+               (-b, b), (-a, b), (-a, -b), (-b, -b)]
+        return [(np.array(pts, float), True)]
+    if name == "ell":
+        a, b = r, r * 0.38
+        pts = [(-a, -a), (-a + 2 * b, -a), (-a + 2 * b, a - 2 * b), (a, a - 2 * b), (a, a), (-a, a)]
+        return [(np.array(pts, float), True)]
+    if name == "crescent":
+        return [(_regular(48, r), True), (_regular(48, 0.85 * r) + np.array([0.45 * r, -0.1 * r]), False)]
+    raise ValueError(f"unknown shape {name!r}; expected one of {CLASSES}")
+
+
+def _rasterise(polys, cx, cy, angle, size, scale=1.0) -> np.ndarray:
+    """Boolean mask (size, size) of the rotated shape, drawn at 2x and reduced."""
+    ss = 2
+    img = Image.new("L", (size * ss, size * ss), 0)
+    d = ImageDraw.Draw(img)
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    for pts, fill in polys:
+        p = (pts * scale) @ rot.T + np.array([cx, cy])
+        d.polygon([tuple(q) for q in (p * ss)], fill=255 if fill else 0)
+    img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img) >= 128
+
+
+# -------------------------------------------------------------- textures --
+def _texture(rng: np.random.Generator, size: int, kind: str, c1, c2) -> np.ndarray:
+    """An RGB float texture (size, size, 3) in [0, 1] mixing colours c1 and c2."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    if kind == "solid":
+        w = np.zeros((size, size), np.float32)
+    elif kind == "stripes":
+        th = rng.uniform(0, math.pi)
+        period = rng.uniform(4, 12)
+        w = (np.sin((xx * math.cos(th) + yy * math.sin(th)) * 2 * math.pi / period) > 0).astype(np.float32)
+    elif kind == "checker":
+        p = int(rng.integers(3, 9))
+        w = (((xx // p) + (yy // p)) % 2).astype(np.float32)
+    elif kind == "noise":
+        w = rng.random((size, size)).astype(np.float32)
+    elif kind == "blobs":
+        k = int(rng.integers(4, 10))
+        small = rng.random((k, k)).astype(np.float32)
+        w = np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
+                       np.float32) / 255
+    elif kind == "gradient":
+        th = rng.uniform(0, 2 * math.pi)
+        w = (xx * math.cos(th) + yy * math.sin(th)) / size
+        w = (w - w.min()) / max(float(w.max() - w.min()), 1e-6)
+    elif kind == "grid":  # reserved for the spurious-context background
+        w = (((xx % 10) < 2) | ((yy % 10) < 2)).astype(np.float32)
+    else:
+        raise ValueError(kind)
+    c1 = np.asarray(c1, np.float32)
+    c2 = np.asarray(c2, np.float32)
+    return c1 * (1 - w[..., None]) + c2 * w[..., None]
+
+
+OBJECT_TEXTURES = ("solid", "stripes", "checker", "noise", "blobs", "gradient")
+BACKGROUND_TEXTURES = ("stripes", "checker", "noise", "blobs", "gradient")
+
+
+def _colour(rng):
+    return rng.random(3).astype(np.float32)
+
+
+def _contrasting_pair(rng, lo=0.25):
+    c1 = _colour(rng)
+    c2 = _colour(rng)
+    while np.abs(c1 - c2).sum() < lo * 3:
+        c2 = _colour(rng)
+    return c1, c2
+
+
+def _dilate(m: np.ndarray, r: int) -> np.ndarray:
+    out = m.copy()
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            out |= np.roll(np.roll(m, dy, 0), dx, 1)
+    return out
+
+
+# ---------------------------------------------------------------- images --
+def render(rng: np.random.Generator, image_size: int, spurious_bg: bool = False,
+           classes_wanted: list[int] | None = None):
+    """Render one image. Returns (rgb uint8, class map, object map, objects list)."""
+    s = image_size
+    bg_kind = "grid" if spurious_bg else BACKGROUND_TEXTURES[int(rng.integers(len(BACKGROUND_TEXTURES)))]
+    c1, c2 = _contrasting_pair(rng, 0.1)
+    c2 = c1 * 0.6 + c2 * 0.4  # backgrounds are of lower contrast than objects
+    img = _texture(rng, s, bg_kind, c1, c2)
+
+    n_obj = len(classes_wanted) if classes_wanted is not None else int(rng.integers(1, 5))
+    n_dis = int(rng.integers(0, 3))
+    # distractors lie behind the objects: they clutter the scene without
+    # hiding the shapes that carry the labels
+    items = [("dis", None)] * n_dis + [("obj", None)] * n_obj
+    order = range(len(items))
+    cls_map = np.zeros((s, s), np.uint8)
+    obj_map = np.zeros((s, s), np.uint8)
+    owner = np.zeros((s, s), np.int32)  # 0 bg, >0 object id, <0 distractor
+    objects: list[dict] = []
+    full_masks: dict[int, np.ndarray] = {}
+    next_obj = 0
+    obj_classes = list(classes_wanted) if classes_wanted is not None else \
+        [int(rng.integers(len(CLASSES))) for _ in range(n_obj)]
+    dis_id = 0
+    for idx in order:
+        kind, _ = items[idx]
+        angle = rng.uniform(0, 2 * math.pi)
+        if kind == "obj":
+            ci = obj_classes[next_obj]
+            next_obj += 1
+            r = rng.uniform(0.09, 0.2) * s
+            for _ in range(30):
+                cx, cy = rng.uniform(r, s - r, 2)
+                m = _rasterise(_shape_polygons(CLASSES[ci], r), cx, cy, angle, s)
+                # keep earlier objects at least half visible
+                ok = True
+                for oid, fm in full_masks.items():
+                    vis = (owner == oid) & ~m
+                    if vis.sum() < 0.5 * fm.sum():
+                        ok = False
+                        break
+                if ok:
+                    break
+            oid = len(objects) + 1
+            full_masks[oid] = m
+            owner[m] = oid
+            tex = OBJECT_TEXTURES[int(rng.integers(len(OBJECT_TEXTURES)))]
+            t = _texture(rng, s, tex, *_contrasting_pair(rng))
+            img[m] = t[m]
+            objects.append({"name": CLASSES[ci], "class_index": ci, "id": oid})
+        else:
+            dis_id += 1
+            dk = int(rng.integers(3))
+            r = rng.uniform(0.06, 0.16) * s
+            cx, cy = rng.uniform(r, s - r, 2)
+            if dk == 0:  # elongated ellipse
+                e = _regular(40, 1.0) * np.array([r, r * rng.uniform(0.15, 0.35)])
+                m = _rasterise([(e, True)], cx, cy, angle, s)
+            elif dk == 1:  # random irregular blob polygon
+                k = int(rng.integers(5, 9))
+                t_ = np.sort(rng.uniform(0, 2 * math.pi, k))
+                rad = r * rng.uniform(0.4, 1.0, k)
+                m = _rasterise([(np.stack([rad * np.cos(t_), rad * np.sin(t_)], 1), True)], cx, cy, angle, s)
+            else:  # scribble: a thick polyline
+                im = Image.new("L", (s, s), 0)
+                pts = [tuple(rng.uniform(0, s, 2)) for _ in range(int(rng.integers(3, 6)))]
+                ImageDraw.Draw(im).line(pts, fill=255, width=int(rng.integers(2, 5)))
+                m = np.asarray(im) > 0
+            owner[m] = -dis_id
+            tex = OBJECT_TEXTURES[int(rng.integers(len(OBJECT_TEXTURES)))]
+            t = _texture(rng, s, tex, *_contrasting_pair(rng))
+            img[m] = t[m]
+
+    img = np.clip(img + rng.normal(0, 0.03, img.shape).astype(np.float32), 0, 1)
+    rgb = (img * 255).round().astype(np.uint8)
+    pil = Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0, 0.6))))
+    rgb = np.asarray(pil)
+
+    # labels from the visible regions of each object
+    kept = []
+    for o in objects:
+        vis = owner == o["id"]
+        if vis.sum() < 12:  # fully hidden: the object is not in the image
+            continue
+        cls_map[vis] = o["class_index"] + 1
+        obj_map[vis] = len(kept) + 1
+        ys, xs = np.nonzero(vis)
+        o = dict(o, bbox=(int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1, int(ys.max()) + 1),
+                 visible=float(vis.sum() / full_masks[o["id"]].sum()))
+        kept.append(o)
+    # VOC void band: the pixels along every object boundary
+    edge = np.zeros((s, s), bool)
+    for k in range(1, len(kept) + 1):
+        v = obj_map == k
+        edge |= _dilate(v, 1) & ~_erode(v)
+    cls_map[edge] = VOID
+    obj_map[edge] = VOID
+    return rgb, cls_map, obj_map, kept
+
+
+def _erode(m: np.ndarray) -> np.ndarray:
+    return ~_dilate(~m, 1)
+
+
+# ----------------------------------------------------------------- files --
+def _annotation_xml(stem: str, size: int, objects: list[dict]) -> bytes:
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "VOC2007"
+    ET.SubElement(root, "filename").text = f"{stem}.jpg"
+    sz = ET.SubElement(root, "size")
+    for k, v in (("width", size), ("height", size), ("depth", 3)):
+        ET.SubElement(sz, k).text = str(v)
+    ET.SubElement(root, "segmented").text = "1"
+    for o in objects:
+        ob = ET.SubElement(root, "object")
+        ET.SubElement(ob, "name").text = o["name"]
+        ET.SubElement(ob, "pose").text = "Unspecified"
+        ET.SubElement(ob, "truncated").text = "0"
+        ET.SubElement(ob, "difficult").text = "1" if o["visible"] < 0.6 else "0"
+        bb = ET.SubElement(ob, "bndbox")
+        for k, v in zip(("xmin", "ymin", "xmax", "ymax"), o["bbox"]):
+            ET.SubElement(bb, k).text = str(v)
+    return ET.tostring(root)
+
+
+def generate(root: str | os.PathLike, num_images: int | dict[str, int], seed: int = 0,
+             image_size: int = 128, spurious_class: str | None = None,
+             spurious_p: float = 0.9) -> Path:
+    """Write the synthetic benchmark as a VOC-2007 tree at ``root``.
+
+    Args:
+        root: directory to create (it receives ``JPEGImages/`` etc. directly).
+            The tree is written to a temporary sibling and moved into place,
+            so an interrupted run leaves nothing half-written.
+        num_images: total count (split 70/10/20 into train/val/test), or a
+            dict ``{"train": n, "val": n, "test": n}``.
+        seed: the same seed gives byte-identical files.
+        image_size: side of the square images in pixels (at least 32).
+        spurious_class: name of a class whose train images get the ``grid``
+            background with probability ``spurious_p`` (None: no spurious cue).
+        spurious_p: that probability, in [0, 1].
+
+    Returns:
+        The root path.
+    """
+    root = Path(root)
+    if isinstance(num_images, int):
+        if num_images < 3:
+            raise ValueError(f"num_images: expected an int >= 3 or a dict of split counts, got {num_images}")
+        n_tr = int(round(num_images * 0.7))
+        n_va = int(round(num_images * 0.1))
+        counts = {"train": n_tr, "val": n_va, "test": num_images - n_tr - n_va}
+    elif isinstance(num_images, dict):
+        unknown = set(num_images) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"num_images: unknown split(s) {sorted(unknown)}; expected keys among {SPLITS}")
+        counts = {k: int(num_images.get(k, 0)) for k in SPLITS}
+        if any(v < 0 for v in counts.values()) or sum(counts.values()) == 0:
+            raise ValueError(f"num_images: expected non-negative counts with a positive total, got {num_images}")
+    else:
+        raise TypeError(f"num_images: expected int or dict, got {type(num_images).__name__}")
+    if not isinstance(image_size, int) or image_size < 32:
+        raise ValueError(f"image_size: expected an int >= 32, got {image_size!r}")
+    if spurious_class is not None and spurious_class not in CLASSES:
+        raise ValueError(f"spurious_class: expected one of {CLASSES}, got {spurious_class!r}")
+    if not 0.0 <= spurious_p <= 1.0:
+        raise ValueError(f"spurious_p: expected a probability in [0, 1], got {spurious_p}")
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        _write_tree(tmp, counts, seed, image_size, spurious_class, spurious_p)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _write_tree(root: Path, counts, seed, image_size, spurious_class, spurious_p):
+    for d in ("JPEGImages", "SegmentationClass", "SegmentationObject", "Annotations",
+              "ImageSets/Main", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    pal = voc_palette()
+    ids: dict[str, list[str]] = {k: [] for k in SPLITS}
+    present: dict[str, list[set[str]]] = {k: [] for k in SPLITS}
+    difficult_only: dict[str, list[set[str]]] = {k: [] for k in SPLITS}
+    sp_idx = CLASSES.index(spurious_class) if spurious_class else None
+    n = 0
+    for split_i, split in enumerate(SPLITS):
+        # one independent stream per split and image: any split count change
+        # leaves the other splits' images as they were
+        for i in range(counts[split]):
+            rng = np.random.default_rng([seed, split_i, i])
+            stem = f"{split_i}{i:06d}"
+            spurious_bg = False
+            classes_wanted = None
+            if sp_idx is not None:
+                k = int(rng.integers(1, 5))
+                classes_wanted = [int(rng.integers(len(CLASSES))) for _ in range(k)]
+                if split == "train":
+                    spurious_bg = sp_idx in classes_wanted and rng.random() < spurious_p
+                else:
+                    spurious_bg = rng.random() < spurious_p * 0.5
+            rgb, cls_map, obj_map, objs = render(rng, image_size, spurious_bg, classes_wanted)
+            Image.fromarray(rgb).save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
+            for arr, sub in ((cls_map, "SegmentationClass"), (obj_map, "SegmentationObject")):
+                p = Image.fromarray(arr, mode="P")
+                p.putpalette(pal)
+                p.save(root / sub / f"{stem}.png")
+            (root / "Annotations" / f"{stem}.xml").write_bytes(_annotation_xml(stem, image_size, objs))
+            ids[split].append(stem)
+            present[split].append({o["name"] for o in objs if o["visible"] >= 0.6})
+            difficult_only[split].append({o["name"] for o in objs if o["visible"] < 0.6})
+            n += 1
+    main = root / "ImageSets" / "Main"
+    seg = root / "ImageSets" / "Segmentation"
+    for split in SPLITS:
+        text = "".join(f"{s}\n" for s in ids[split])
+        (main / f"{split}.txt").write_text(text)
+        (seg / f"{split}.txt").write_text(text)
+        for c in CLASSES:
+            lines = []
+            for s, p, d in zip(ids[split], present[split], difficult_only[split]):
+                flag = 1 if c in p else (0 if c in d else -1)
+                lines.append(f"{s} {flag:2d}\n")
+            (main / f"{c}_{split}.txt").write_text("".join(lines))
+    tv = ids["train"] + ids["val"]
+    (main / "trainval.txt").write_text("".join(f"{s}\n" for s in tv))
+    (seg / "trainval.txt").write_text("".join(f"{s}\n" for s in tv))
+    for c in CLASSES:
+        a = (main / f"{c}_train.txt").read_text() + (main / f"{c}_val.txt").read_text()
+        (main / f"{c}_trainval.txt").write_text(a)
+    meta = {"generator": "explainer.data.synthetic", "seed": seed, "image_size": image_size,
+            "counts": counts, "classes": list(CLASSES), "spurious_class": spurious_class,
+            "spurious_p": spurious_p if spurious_class else None}
+    (root / "synthetic.json").write_text(json.dumps(meta, indent=1))
