@@ -1,0 +1,62 @@
+"""The masking rule, stated once: ``x_m = m * x + (1 - m) * b``.
+
+``b`` is the *baseline* image, a named choice recorded in every checkpoint and
+results file because metrics are not comparable across baselines:
+
+* ``"mean"``: the dataset mean colour, i.e. the explanandum's normalisation
+  mean (zero after normalisation; the Explainer paper's choice);
+* ``"black"``: zeros (the LTX paper's choice);
+* ``"blur"``: a Gaussian blur of ``x`` (extremal perturbations' fill).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torchvision.transforms.functional as TF
+
+BASELINES = ("mean", "black", "blur")
+DEFAULT_MEAN = (0.485, 0.456, 0.406)
+
+
+def check_baseline(kind: str) -> str:
+    if kind not in BASELINES:
+        raise ValueError(f"baseline: expected one of {BASELINES}, got {kind!r}")
+    return kind
+
+
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of (B, 3, H, W) with standard deviation ``sigma`` pixels (reflect padding)."""
+    if sigma <= 0:
+        return x
+    k = int(2 * round(3 * sigma) + 1)
+    k = min(k, 2 * (min(x.shape[-2:]) - 1) - 1) if k >= min(x.shape[-2:]) * 2 - 1 else k
+    k = max(3, k | 1)
+    return TF.gaussian_blur(x, [k, k], [sigma, sigma])
+
+
+def baseline_image(x: torch.Tensor, kind: str = "mean", mean: Sequence[float] | torch.Tensor | None = None,
+                   blur_sigma: float = 10.0) -> torch.Tensor:
+    """The baseline image ``b`` for images ``x`` (B, 3, H, W), same shape and dtype."""
+    check_baseline(kind)
+    if kind == "black":
+        return torch.zeros_like(x)
+    if kind == "blur":
+        return blur(x, blur_sigma)
+    m = torch.as_tensor(DEFAULT_MEAN if mean is None else mean, dtype=x.dtype, device=x.device)
+    return m.reshape(1, 3, 1, 1).expand_as(x)
+
+
+def apply_mask(x: torch.Tensor, m: torch.Tensor, baseline: str | torch.Tensor = "mean",
+               mean: Sequence[float] | torch.Tensor | None = None, blur_sigma: float = 10.0) -> torch.Tensor:
+    """``m * x + (1 - m) * b``: keep the image where ``m`` is 1, the baseline where it is 0.
+
+    Args:
+        x: images (B, 3, H, W) in [0, 1].
+        m: masks (B, 1, H, W) (or broadcastable) in [0, 1].
+        baseline: a name of :data:`BASELINES`, or the baseline image itself.
+        mean: the colour for ``"mean"`` (the explanandum's normalisation mean).
+    """
+    b = baseline if isinstance(baseline, torch.Tensor) else baseline_image(x, baseline, mean, blur_sigma)
+    return m * x + (1 - m) * b
