@@ -21,7 +21,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 IGNORE = 255
 
@@ -85,7 +85,12 @@ class SegClsDataset(Dataset):
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        # (index, seed) from EpochSeededSampler makes augmentation a function of
+        # (run seed, epoch, index): runs resume exactly, whatever the workers
+        i, sample_seed = item if isinstance(item, tuple) else (item, None)
+        if sample_seed is not None and self.transform is not None:
+            self.transform.set_random_seed(sample_seed)
         rgb, labels, mask = self.load(i)
         has_mask = mask is not None
         if mask is None:
@@ -101,6 +106,39 @@ class SegClsDataset(Dataset):
                 "has_mask": torch.tensor(has_mask), "index": i}
 
 
+class EpochSeededSampler(DistributedSampler):
+    """Shuffled indices that depend only on (seed, epoch), sharded over DDP ranks.
+
+    Yields ``(index, sample_seed)`` so that each sample's augmentation is
+    seeded too. Rank ``r`` of ``R`` takes positions ``r, r + R, ...`` of the
+    epoch's permutation, so with per-rank batch ``B / R`` the ranks' batches
+    together are exactly the single-process batch of size ``B``. Lightning
+    calls ``set_epoch`` at each epoch start.
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+        # a DistributedSampler (so Lightning does not wrap it again under DDP)
+        # that needs no process group: the trainer gives replicas and rank
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.num_replicas)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        total = len(self) * self.num_replicas
+        order += order[: total - self.n]  # pad so every rank has as many
+        seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g).tolist()
+        for i in order[self.rank:total:self.num_replicas]:
+            yield (i, seeds[i])
+
+
 def seeded_subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
     """A fixed random subset of ``limit`` items (all when None or larger)."""
     if limit is None or limit >= len(ds):
@@ -110,6 +148,26 @@ def seeded_subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(ds), generator=g)[:limit].sort().values.tolist()
     return Subset(ds, idx)
+
+
+class Subset(Dataset):
+    """A fixed subset that passes ``(index, seed)`` items through (see EpochSeededSampler)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        if isinstance(item, tuple):
+            return self.dataset[(self.indices[item[0]], item[1])]
+        return self.dataset[self.indices[item]]
+
+    def __getattr__(self, name):
+        if name in ("dataset", "indices"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -170,9 +228,16 @@ class ImageDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.datasets[split] = self.dataset(split)
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          drop_last=shuffle and len(self.datasets[split]) > self.batch_size)
+        ds = self.datasets[split]
+        trainer = getattr(self, "trainer", None)
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if shuffle:
+            sampler = EpochSeededSampler(len(ds), self.seed, True, replicas, rank)
+            return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0,
+                              drop_last=len(ds) // replicas > self.batch_size)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

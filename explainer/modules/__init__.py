@@ -1,5 +1,6 @@
 """LightningModules: the science of training (the Trainer holds the engineering)."""
 
 from explainer.modules.classifier import ClassifierModule
+from explainer.modules.explainer import AmortizedExplainerModule, ExplainerModule
 
-__all__ = ["ClassifierModule"]
+__all__ = ["ClassifierModule", "AmortizedExplainerModule", "ExplainerModule"]

@@ -1,0 +1,87 @@
+"""Mask losses of the Explainer (Stalder et al., NeurIPS 2022) and LTX (Barkan et al., 2023).
+
+Shapes: masks ``(B, K, H, W)`` in [0, 1]; logits ``(B, C)``; labels multi-hot ``(B, C)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NEG = -1e4  # stands for -inf in masked maxima (keeps gradients finite)
+
+
+def masked_max(S: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """``max_{c : select[b, c]} S[b, c]`` per pixel: (B, C, H, W), (B, C) bool -> (B, 1, H, W).
+
+    An image with no selected class gets ``NEG`` (a mask of sigmoid(NEG) = 0).
+    """
+    fill = torch.full_like(S, NEG)
+    return torch.where(select[:, :, None, None], S, fill).amax(dim=1, keepdim=True)
+
+
+def negative_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``L_ent = -H(softmax(logits))`` averaged over the batch (minimising it spreads the prediction)."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    return (logp.exp() * logp).sum(1).mean()
+
+
+def total_variation(m: torch.Tensor) -> torch.Tensor:
+    """``TV(m) = mean(|m[i,j] - m[i,j+1]|) + mean(|m[i,j] - m[i+1,j]|)`` (L1, not squared)."""
+    return (m[..., :, 1:] - m[..., :, :-1]).abs().mean() + (m[..., 1:, :] - m[..., :-1, :]).abs().mean()
+
+
+def area_loss(s: torch.Tensor, select: torch.Tensor, a_min: float = 0.05, a_max: float = 0.3) -> torch.Tensor:
+    """Area bounds of the Explainer paper, at any resolution.
+
+    Per image and selected class ``c``: sort ``s_c`` descending; the top
+    ``a_min * H * W`` pixels are penalised by ``relu(1 - s)``, every pixel
+    ranked beyond ``a_max * H * W`` by ``relu(s)``; mean over pixels, summed
+    over the selected classes, mean over the batch.
+
+    Args:
+        s: class masks (B, C, H, W) in [0, 1].
+        select: (B, C) bool, the classes whose masks are bounded (present ones).
+    """
+    if not 0 <= a_min <= a_max <= 1:
+        raise ValueError(f"area bounds: expected 0 <= a_min <= a_max <= 1, got a_min={a_min}, a_max={a_max}")
+    B, C, H, W = s.shape
+    n = H * W
+    k_min, k_max = int(round(a_min * n)), int(round(a_max * n))
+    srt = s.flatten(2).sort(dim=2, descending=True).values
+    per = (F.relu(1 - srt[..., :k_min]).sum(2) + F.relu(srt[..., k_max:]).sum(2)) / n
+    return (per * select.to(per.dtype)).sum(1).mean()
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """BCE-with-logits against multi-hot labels (multi-label) or CE against their argmax (single-label)."""
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    return F.cross_entropy(logits.float(), labels.argmax(1))
+
+
+def counterfactual_loss(logits_masked: torch.Tensor, target, mode: str, multilabel: bool) -> torch.Tensor:
+    """LTX's ``D(f(x masked by m), target)``.
+
+    Modes: ``"kl"``: KL(p(x) || p(x masked)) with ``target`` the logits on
+    the unmasked image (sigmoid per class for multi-label models, summed over
+    classes); ``"predicted"``: CE/BCE to the predicted class(es) of ``target``
+    logits; ``"groundtruth"``: CE/BCE to the multi-hot labels ``target``.
+    """
+    lm = logits_masked.float()
+    if mode == "kl":
+        t = target.float().detach()
+        if multilabel:
+            p = torch.sigmoid(t)
+            return (F.binary_cross_entropy_with_logits(lm, p, reduction="none")
+                    - F.binary_cross_entropy_with_logits(t, p, reduction="none")).sum(1).mean()
+        return F.kl_div(F.log_softmax(lm, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
+    if mode == "predicted":
+        t = target.float().detach()
+        hard = (t > 0).float() if multilabel else F.one_hot(t.argmax(1), t.shape[1]).float()
+        if multilabel and (hard.sum(1) == 0).any():  # nothing above 0.5: the top class
+            hard = torch.where(hard.sum(1, keepdim=True) == 0, F.one_hot(t.argmax(1), t.shape[1]).float(), hard)
+        return classification_loss(lm, hard, multilabel)
+    if mode == "groundtruth":
+        return classification_loss(lm, target, multilabel)
+    raise ValueError(f"target mode: expected 'kl', 'predicted' or 'groundtruth', got {mode!r}")

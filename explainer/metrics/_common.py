@@ -1,0 +1,169 @@
+"""Input checks and the batched perturbation engine shared by the metrics.
+
+Every perturbation metric feeds many perturbed copies of many images through
+the explanandum. :func:`perturbation_curves` builds those copies on the fly,
+``max_batch`` at a time, so memory stays bounded whatever the number of
+images or steps, and everything runs on the device of the inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from explainer.masking import BASELINES, apply_mask, baseline_image
+
+Target = int | Sequence[int] | torch.Tensor | None
+SCORES = ("probability", "logit", "accuracy")
+
+
+def check_images_maps(x: torch.Tensor, maps: torch.Tensor, name: str = "maps") -> torch.Tensor:
+    """Validate ``x`` (N, 3, H, W) and return ``maps`` as float (N, 1, H, W).
+
+    Raises:
+        ValueError: ``maps`` is not (N, 1, H, W) or (N, H, W) with the images'
+            N, H, W, or it holds NaN or infinite values.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected images of shape (N, 3, H, W), got {shape}")
+    if not isinstance(maps, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor of shape (N, 1, H, W), got {type(maps).__name__}")
+    if maps.dim() == 3:
+        maps = maps.unsqueeze(1)
+    n, _, h, w = x.shape
+    if maps.dim() != 4 or maps.shape[1] != 1 or maps.shape[0] != n or tuple(maps.shape[-2:]) != (h, w):
+        raise ValueError(f"{name}: expected attribution maps of shape ({n}, 1, {h}, {w}) matching the images "
+                         f"{tuple(x.shape)}, got {tuple(maps.shape)} (upsample maps to the image size first)")
+    maps = maps.detach().to(device=x.device, dtype=torch.float32 if not maps.is_floating_point() else maps.dtype)
+    if not torch.isfinite(maps).all():
+        bad = int((~torch.isfinite(maps)).flatten(1).any(1).sum())
+        raise ValueError(f"{name}: {bad} of {n} attribution maps contain NaN or infinite values")
+    return maps
+
+
+def resolve_target(f, x: torch.Tensor, target: Target, max_batch: int = 256) -> torch.Tensor:
+    """Targets as a LongTensor (N,) on ``x``'s device; ``None`` means the predicted top-1 class.
+
+    Accepts an int (the same class for every image), a list of ints or a
+    LongTensor (N,). Raises ValueError for a wrong length or a class outside
+    ``[0, f.num_classes)``.
+    """
+    n = x.shape[0]
+    if target is None:
+        with torch.no_grad():
+            return torch.cat([f(x[i:i + max_batch]).argmax(1) for i in range(0, n, max_batch)]).to(x.device)
+    if isinstance(target, bool):
+        raise ValueError(f"target: expected int, list of ints, LongTensor (N,) or None, got {target!r}")
+    if isinstance(target, int):
+        t = torch.full((n,), target, dtype=torch.long, device=x.device)
+    else:
+        t = torch.as_tensor(target, device=x.device)
+        if t.is_floating_point() or t.dim() != 1 or t.shape[0] != n:
+            raise ValueError(f"target: expected {n} integer class indices (one per image), "
+                             f"got {tuple(t.shape)} of dtype {t.dtype}")
+        t = t.long()
+    num_classes = getattr(f, "num_classes", None)
+    if n and (int(t.min()) < 0 or (num_classes is not None and int(t.max()) >= num_classes)):
+        raise ValueError(f"target: class indices must lie in [0, {num_classes}), got range "
+                         f"[{int(t.min())}, {int(t.max())}]")
+    return t
+
+
+def check_max_batch(max_batch: int) -> int:
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise ValueError(f"max_batch: expected a positive int (images per forward pass), got {max_batch!r}")
+    return max_batch
+
+
+def check_baseline_arg(baseline: str | torch.Tensor, x: torch.Tensor) -> None:
+    if isinstance(baseline, torch.Tensor):
+        if baseline.shape != x.shape:
+            raise ValueError(f"baseline: a baseline image must have the images' shape {tuple(x.shape)}, "
+                             f"got {tuple(baseline.shape)}")
+    elif baseline not in BASELINES:
+        raise ValueError(f"baseline: expected one of {BASELINES} or an image tensor, got {baseline!r}")
+
+
+def baseline_images(f, x: torch.Tensor, baseline: str | torch.Tensor, blur_sigma: float = 10.0) -> torch.Tensor:
+    """The baseline image of each image (N, 3, H, W); ``"mean"`` is the explanandum's normalisation mean."""
+    check_baseline_arg(baseline, x)
+    if isinstance(baseline, torch.Tensor):
+        return baseline.to(device=x.device, dtype=x.dtype)
+    mean = getattr(f, "mean", None)
+    mean = mean.flatten() if isinstance(mean, torch.Tensor) else mean
+    return baseline_image(x, baseline, mean, blur_sigma=blur_sigma)
+
+
+def minmax(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max normalisation to [0, 1]; a constant map becomes all zeros. Shape kept."""
+    flat = maps.flatten(1)
+    lo = flat.min(1, keepdim=True).values
+    hi = flat.max(1, keepdim=True).values
+    span = hi - lo
+    out = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
+    return out.view_as(maps)
+
+
+def pixel_ranks(maps: torch.Tensor, descending: bool = True) -> torch.Tensor:
+    """Rank of every pixel in its map (N, 1, H, W) -> long (N, 1, H, W); rank 0 is the most relevant.
+
+    Ties are broken by raster order (stable sort), so the result is
+    deterministic.
+    """
+    flat = maps.flatten(1)
+    order = torch.argsort(flat, dim=1, descending=descending, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order).contiguous())
+    return ranks.view_as(maps)
+
+
+def class_scores(f, logits: torch.Tensor, target: torch.Tensor, score: str) -> torch.Tensor:
+    """Per-row score of the target class from logits (M, C) -> (M,).
+
+    ``probability``: ``f.probabilities`` (sigmoid if multi-label, else softmax);
+    ``logit``: the raw logit; ``accuracy``: 1 if the target is still
+    predicted (single-label: it is the arg-max; multi-label: its sigmoid
+    exceeds 0.5), else 0.
+    """
+    t = target.view(-1, 1)
+    if score == "probability":
+        return f.probabilities(logits).gather(1, t).squeeze(1)
+    if score == "logit":
+        return logits.gather(1, t).squeeze(1)
+    if score == "accuracy":
+        if getattr(f, "multilabel", False):
+            return (logits.gather(1, t).squeeze(1) > 0).to(logits.dtype)
+        return (logits.argmax(1) == target).to(logits.dtype)
+    raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+
+
+@torch.no_grad()
+def perturbation_curves(f, x: torch.Tensor, ranks: torch.Tensor, counts: torch.Tensor, target: torch.Tensor,
+                        base: torch.Tensor, mode: str = "delete", score: str = "probability",
+                        max_batch: int = 256) -> torch.Tensor:
+    """Scores of perturbed images (N, K): pair ``i`` at step ``k``.
+
+    ``mode="delete"``: the ``counts[k]`` pixels of lowest rank are replaced by
+    the baseline, ``keep = rank >= counts[k]``; ``mode="insert"``: only they
+    are kept, ``keep = rank < counts[k]``. The image is
+    ``apply_mask(x, keep, base)``. All N*K perturbed images go through ``f``
+    in chunks of at most ``max_batch``.
+
+    Args:
+        x: images (N, 3, H, W); ranks: long (N, 1, H, W); counts: long (K,);
+        target: long (N,); base: baseline images (N, 3, H, W).
+    """
+    check_max_batch(max_batch)
+    n, k = x.shape[0], counts.numel()
+    counts = counts.to(x.device)
+    out = torch.empty(n * k, dtype=torch.float32, device=x.device)
+    for start in range(0, n * k, max_batch):
+        rows = torch.arange(start, min(start + max_batch, n * k), device=x.device)
+        i, j = rows // k, rows % k
+        c = counts[j].view(-1, 1, 1, 1)
+        keep = ranks[i] >= c if mode == "delete" else ranks[i] < c
+        imgs = apply_mask(x[i], keep.to(x.dtype), base[i])
+        out[start:start + rows.numel()] = class_scores(f, f(imgs), target[i], score).float()
+    return out.view(n, k)

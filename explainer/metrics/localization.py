@@ -1,0 +1,222 @@
+"""Localisation metrics: attribution maps against ground-truth segmentation.
+
+Ground truth is the datamodules' mask (N, H, W) long: 0 background, ``c + 1``
+for class ``c``, 255 void (VOC's boundary band, or unknown). For the map of
+class ``c``, the foreground is ``mask == c + 1``; void pixels are *ignored*
+(neither foreground nor background) by every metric here. No perturbation,
+so no baseline fill.
+
+A pair (image, class) whose mask holds no pixel of the class (the class is
+absent, fully void, or the image has no segmentation) cannot be scored: it
+is reported as *not evaluated* (``valid`` False), never counted as a miss.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_stat_scores
+
+from explainer.metrics._common import Target, check_images_maps, minmax
+
+VOID = 255
+FIXED_F1_THRESHOLDS = (0.25, 0.5, 0.75)  # the Explainer paper's discrete F1
+FIXED_IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the Explainer paper's IoU
+
+
+def _check_gt(maps: torch.Tensor, gt: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(gt, torch.Tensor) or gt.dim() != 3 or gt.shape != (maps.shape[0], *maps.shape[-2:]):
+        shape = tuple(gt.shape) if isinstance(gt, torch.Tensor) else type(gt).__name__
+        raise ValueError(f"gt: expected ground-truth masks of shape {(maps.shape[0], *maps.shape[-2:])} "
+                         f"(0 background, c+1 class c, 255 void), got {shape}")
+    if gt.is_floating_point():
+        raise ValueError(f"gt: expected integer class indices, got dtype {gt.dtype}")
+    if target is None:
+        raise ValueError("target: localisation metrics need the class of each map (int, list or LongTensor)")
+    n = maps.shape[0]
+    t = torch.full((n,), target, dtype=torch.long) if isinstance(target, int) else torch.as_tensor(target).long()
+    if t.shape != (n,):
+        raise ValueError(f"target: expected {n} class indices, got shape {tuple(t.shape)}")
+    gt = gt.to(maps.device).long()
+    return gt, t.to(maps.device)
+
+
+def foreground(gt: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fg, known)`` bool (N, H, W): pixels of class ``target`` and the non-void pixels."""
+    known = gt != VOID
+    fg = (gt == target.view(-1, 1, 1) + 1) & known
+    return fg, known
+
+
+def pointing_game(maps: torch.Tensor, gt: torch.Tensor, target: Target, *,
+                  tolerance: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pointing game (Zhang et al. 2016; the TorchRay protocol). **Higher is better.**
+
+    The point is the arg-max of the map (first in raster order on ties); a
+    hit if some foreground pixel of the class lies at a distance strictly
+    less than ``tolerance`` pixels (15 at VOC/COCO resolution), i.e. the
+    disc around the point meets the class mask. Void pixels are not
+    foreground. TorchRay's dataset value is the mean over classes of the
+    per-class hit rates (see :func:`pointing_accuracy`).
+
+    Args:
+        maps: (N, 1, H, W); gt: (N, H, W); target: class per map.
+
+    Returns:
+        ``(hit, valid)``: bool (N,) each; ``valid`` is False where the mask
+        has no pixel of the class (not evaluated).
+    """
+    maps = check_images_maps(maps.new_zeros(maps.shape[0], 3, *maps.shape[-2:]), maps)
+    gt, t = _check_gt(maps, gt, target)
+    fg, _ = foreground(gt, t)
+    n, _, h, w = maps.shape
+    idx = maps.flatten(1).argmax(1)
+    py, px = idx // w, idx % w
+    yy = torch.arange(h, device=maps.device).view(1, h, 1)
+    xx = torch.arange(w, device=maps.device).view(1, 1, w)
+    near = (yy - py.view(-1, 1, 1)) ** 2 + (xx - px.view(-1, 1, 1)) ** 2 < tolerance ** 2
+    hit = (near & fg).flatten(1).any(1)
+    valid = fg.flatten(1).any(1)
+    return hit & valid, valid
+
+
+def pointing_accuracy(hit: torch.Tensor, valid: torch.Tensor, target: torch.Tensor) -> float:
+    """TorchRay's aggregate: mean over classes (with at least one evaluated pair) of hits / (hits + misses)."""
+    v = valid.bool()
+    if not bool(v.any()):
+        return float("nan")
+    hit, target = hit[v].float(), torch.as_tensor(target, device=hit.device)[v]
+    rates = [hit[target == c].mean() for c in target.unique()]
+    return float(torch.stack(rates).mean())
+
+
+def binarize(maps: torch.Tensor, threshold: str | float = "mean", normalize: str = "minmax") -> torch.Tensor:
+    """Threshold maps (N, 1, H, W) -> bool (N, H, W).
+
+    ``normalize="minmax"`` rescales each map to [0, 1] first (LTX/IIA);
+    ``"none"`` clamps to [0, 1] (masks that already are). ``threshold="mean"``
+    keeps the pixels strictly above the (normalised) map's mean (LTX/IIA,
+    after Chefer et al.); a float keeps those strictly above it (the
+    Explainer paper's fixed thresholds).
+    """
+    s = _normalized(maps, normalize)
+    if threshold == "mean":
+        thr = s.flatten(1).mean(1).view(-1, 1, 1, 1)
+    elif isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        thr = float(threshold)
+    else:
+        raise ValueError(f"threshold: expected 'mean' or a number, got {threshold!r}")
+    return (s > thr)[:, 0]
+
+
+def _normalized(maps: torch.Tensor, normalize: str) -> torch.Tensor:
+    if normalize == "minmax":
+        return minmax(maps)
+    if normalize == "none":
+        return maps.clamp(0, 1)
+    raise ValueError(f"normalize: expected 'minmax' or 'none', got {normalize!r}")
+
+
+def confusion(pred: torch.Tensor, fg: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Per-map counts over the non-void pixels: long (N, 4) = (tp, fp, tn, fn).
+
+    Computed by torchmetrics' ``binary_stat_scores`` (sample-wise) with the
+    void pixels passed as its ``ignore_index``.
+    """
+    n = pred.shape[0]
+    if n == 0:
+        return torch.zeros(0, 4, dtype=torch.long, device=pred.device)
+    tgt = torch.where(known, fg.long(), torch.full_like(fg, VOID, dtype=torch.long))
+    st = binary_stat_scores(pred.long().reshape(n, -1), tgt.reshape(n, -1), multidim_average="samplewise",
+                            ignore_index=VOID, validate_args=False)
+    return st[:, :4].long()
+
+
+def _f1(c: torch.Tensor) -> torch.Tensor:
+    tp, fp, _, fn = c.double().unbind(1)
+    den = 2 * tp + fp + fn
+    return torch.where(den > 0, 2 * tp / den.clamp_min(1), torch.ones_like(den))
+
+
+def _iou(c: torch.Tensor) -> torch.Tensor:
+    tp, fp, _, fn = c.double().unbind(1)
+    den = tp + fp + fn
+    return torch.where(den > 0, tp / den.clamp_min(1), torch.ones_like(den))
+
+
+def segmentation_stats(maps: torch.Tensor, gt: torch.Tensor, target: Target, *, normalize: str = "minmax",
+                       f1_thresholds: Sequence[float] = FIXED_F1_THRESHOLDS,
+                       iou_thresholds: Sequence[float] = FIXED_IOU_THRESHOLDS,
+                       soft: bool = True) -> dict[str, torch.Tensor]:
+    """Per-pair statistics of segmentation agreement (see :func:`segmentation_summary`).
+
+    Returns a dict of (N,) tensors:
+
+    * ``valid``: bool, the mask has a non-void pixel of the class (other
+      entries are meaningless where False);
+    * ``tp``, ``fp``, ``tn``, ``fn``: counts of the map thresholded at its
+      mean after min-max normalisation (LTX/IIA), void ignored;
+    * ``f1``: F1 of the foreground at that threshold, ``2tp / (2tp+fp+fn)``;
+    * ``f1_fixed``: F1 averaged over ``f1_thresholds`` (Explainer paper:
+      0.25, 0.5, 0.75);
+    * ``iou_fixed``: foreground IoU ``tp / (tp+fp+fn)`` averaged over
+      ``iou_thresholds`` (Explainer paper: 0.1, ..., 0.9);
+    * ``ap``, ``auroc`` (when ``soft``): pixel average precision and ROC-AUC
+      of the soft map against the foreground (torchmetrics), NaN where the
+      non-void pixels are all foreground (undefined).
+    """
+    maps = check_images_maps(maps.new_zeros(maps.shape[0], 3, *maps.shape[-2:]), maps)
+    gt, t = _check_gt(maps, gt, target)
+    fg, known = foreground(gt, t)
+    valid = fg.flatten(1).any(1)
+    out: dict[str, torch.Tensor] = {"valid": valid}
+    c = confusion(binarize(maps, "mean", normalize), fg, known)
+    out.update(tp=c[:, 0], fp=c[:, 1], tn=c[:, 2], fn=c[:, 3], f1=_f1(c))
+    if f1_thresholds:
+        out["f1_fixed"] = torch.stack([_f1(confusion(binarize(maps, float(th), normalize), fg, known))
+                                       for th in f1_thresholds]).mean(0)
+    if iou_thresholds:
+        out["iou_fixed"] = torch.stack([_iou(confusion(binarize(maps, float(th), normalize), fg, known))
+                                        for th in iou_thresholds]).mean(0)
+    if soft:
+        ap = torch.full((maps.shape[0],), float("nan"), dtype=torch.float64, device=maps.device)
+        auroc = ap.clone()
+        s = _normalized(maps, normalize)[:, 0]
+        for i in range(maps.shape[0]):
+            k = known[i]
+            has_bg = bool((k & ~fg[i]).any())
+            if not valid[i] or not has_bg:
+                continue
+            p, y = s[i][k].float(), fg[i][k].long()
+            ap[i] = binary_average_precision(p, y, validate_args=False).double()
+            auroc[i] = binary_auroc(p, y, validate_args=False).double()
+        out["ap"], out["auroc"] = ap, auroc
+    return out
+
+
+def segmentation_summary(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Dataset values from per-pair :func:`segmentation_stats` (evaluated pairs only). **All higher is better.**
+
+    * ``pixel_accuracy = sum(tp+tn) / sum(tp+fp+tn+fn)`` over the dataset (LTX/IIA);
+    * ``miou``: mean over {background, foreground} of the dataset IoU,
+      ``(sum tp / sum(tp+fp+fn) + sum tn / sum(tn+fn+fp)) / 2`` (LTX/IIA,
+      after Chefer et al.);
+    * ``f1``, ``f1_fixed``, ``iou_fixed``, ``pixel_ap``, ``pixel_auroc``:
+      means over pairs (NaN-valued pairs left out).
+    """
+    v = stats["valid"].bool()
+    if not bool(v.any()):
+        return {}
+    tp, fp, tn, fn = (stats[k][v].double().sum() for k in ("tp", "fp", "tn", "fn"))
+    res = {"pixel_accuracy": float((tp + tn) / (tp + fp + tn + fn)),
+           "miou": float((tp / (tp + fp + fn).clamp_min(1) + tn / (tn + fn + fp).clamp_min(1)) / 2),
+           "f1": float(stats["f1"][v].double().mean())}
+    for key, name in (("f1_fixed", "f1_fixed"), ("iou_fixed", "iou_fixed"), ("ap", "pixel_ap"),
+                      ("auroc", "pixel_auroc")):
+        if key in stats:
+            vals = stats[key][v].double()
+            vals = vals[~torch.isnan(vals)]
+            if vals.numel():
+                res[name] = float(vals.mean())
+    return res

@@ -1,0 +1,357 @@
+"""The metric registry: one :class:`MetricSpec` per metric name, and a tracker that accumulates them.
+
+Each spec states the metric's direction (``"higher"`` or ``"lower"`` is
+better), its baseline fill, its target class and whether it needs
+ground-truth masks; :func:`describe` gives these as plain dicts for
+results files. The evaluator hands the metrics a :class:`PairBatch`: the
+(image, class) pairs of one data batch with their attribution maps.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from explainer.metrics import localization as loc
+from explainer.metrics import perturbation as pert
+from explainer.metrics.sanity import rank_correlation
+
+TARGET_TEXT = "the evaluated target class of each (image, class) pair: ground truth or predicted, as configured"
+BASELINE_TEXT = "the configured baseline (mean | black | blur), via explainer.masking.apply_mask"
+NO_BASELINE = "none (no perturbation)"
+
+
+@dataclass
+class PairBatch:
+    """The (image, class) pairs of one batch, as metrics receive them.
+
+    Attributes:
+        f: the explanandum.
+        x: pair images (N, 3, H, W) in [0, 1] (an image appears once per pair).
+        maps: attribution maps (N, 1, H, W).
+        target: class of each pair, long (N,).
+        image_id: which image each pair belongs to, long (N,) (pairs of one
+            image are grouped by it).
+        gt: ground-truth segmentation (N, H, W) long, or None.
+        has_mask: bool (N,): whether ``gt`` holds ground truth for the pair.
+        baseline: fill of removed pixels (``"mean"``, ``"black"``, ``"blur"``).
+        max_batch: images per forward pass of the explanandum.
+        random_maps: maps of the same method on a randomised explanandum
+            (N, 1, H, W), for the sanity check; None otherwise.
+    """
+
+    f: nn.Module
+    x: torch.Tensor
+    maps: torch.Tensor
+    target: torch.Tensor
+    image_id: torch.Tensor
+    gt: torch.Tensor | None = None
+    has_mask: torch.Tensor | None = None
+    baseline: str = "mean"
+    max_batch: int = 256
+    random_maps: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict)
+
+    def groups(self) -> list[torch.Tensor]:
+        """Indices of the pairs of each image, in order of first appearance."""
+        ids = self.image_id.tolist()
+        order: dict[int, list[int]] = {}
+        for i, k in enumerate(ids):
+            order.setdefault(k, []).append(i)
+        return [torch.tensor(v, device=self.x.device) for v in order.values()]
+
+
+Stats = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric: its name, direction, baseline fill, target, and how to compute it.
+
+    ``compute(batch, options) -> stats`` gives per-item tensors for one
+    batch (concatenated over batches); ``reduce(stats) -> float | None`` the
+    dataset value (None: nothing could be evaluated). ``group`` names a
+    computation shared with other metrics (done once per batch).
+    """
+
+    name: str
+    direction: str
+    baseline: str
+    target: str
+    description: str
+    compute: Callable[[PairBatch, dict], Stats]
+    reduce: Callable[[Stats], float | None]
+    needs_gt_masks: bool = False
+    needs_random_maps: bool = False
+    group: str = ""
+    options: tuple[str, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        return {"direction": self.direction, "baseline": self.baseline, "target": self.target,
+                "needs_gt_masks": self.needs_gt_masks, "description": self.description}
+
+
+def _mean(key: str) -> Callable[[Stats], float | None]:
+    def reduce(stats: Stats) -> float | None:
+        v = stats.get(key)
+        if v is None or v.numel() == 0:
+            return None
+        v = v.double()
+        v = v[~torch.isnan(v)]
+        return float(v.mean()) if v.numel() else None
+    return reduce
+
+
+def _cached(batch: PairBatch, key: str, fn: Callable[[], Any]) -> Any:
+    if key not in batch.cache:
+        batch.cache[key] = fn()
+    return batch.cache[key]
+
+
+# ---- perturbation metrics ---------------------------------------------------
+def _deletion(b: PairBatch, o: dict) -> Stats:
+    return {"auc": pert.deletion_auc(b.f, b.x, b.maps, b.target, baseline=b.baseline, max_batch=b.max_batch, **o)}
+
+
+def _insertion(b: PairBatch, o: dict) -> Stats:
+    return {"auc": pert.insertion_auc(b.f, b.x, b.maps, b.target, baseline=b.baseline, max_batch=b.max_batch, **o)}
+
+
+def _pos(b: PairBatch, o: dict) -> Stats:
+    return {"auc": pert.pos_auc(b.f, b.x, b.maps, b.target, baseline=b.baseline, max_batch=b.max_batch, **o)}
+
+
+def _neg(b: PairBatch, o: dict) -> Stats:
+    return {"auc": pert.neg_auc(b.f, b.x, b.maps, b.target, baseline=b.baseline, max_batch=b.max_batch, **o)}
+
+
+def _adp_pic(b: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cached(b, "adp_pic", lambda: pert.adp_pic(b.f, b.x, b.maps, b.target, baseline=b.baseline,
+                                                      max_batch=b.max_batch))
+
+
+def _saliency(b: PairBatch, o: dict) -> Stats:
+    groups = b.groups()
+    norm = bool(o.get("normalize", True))
+    maps = pert.minmax(b.maps) if norm else b.maps.clamp(0, 1)
+    first = torch.stack([g[0] for g in groups])
+    union = torch.stack([maps[g].amax(0) for g in groups])
+    classes = torch.zeros(len(groups), b.f.num_classes, dtype=torch.bool, device=b.x.device)
+    for i, g in enumerate(groups):
+        classes[i, b.target[g]] = True
+    vals = pert.saliency_metric(b.f, b.x[first], union, classes, baseline=b.baseline, normalize=False,
+                                max_batch=b.max_batch, min_area=float(o.get("min_area", 0.05)))
+    return {"value": vals}
+
+
+def _specificity(b: PairBatch, o: dict) -> Stats:
+    vals = []
+    for g in b.groups():
+        if g.numel() < 2:
+            continue
+        s = pert.class_specificity(b.f, b.x[g[0]], b.maps[g], b.target[g], baseline=b.baseline,
+                                   normalize=bool(o.get("normalize", True)), max_batch=b.max_batch)
+        eye = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+        vals.append(s[eye].mean() - s[~eye].mean())
+    return {"value": torch.stack(vals) if vals else torch.empty(0, device=b.x.device)}
+
+
+# ---- localisation metrics ---------------------------------------------------
+def _gt_or_none(b: PairBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if b.gt is None:
+        return None
+    has = b.has_mask if b.has_mask is not None else torch.ones(b.x.shape[0], dtype=torch.bool, device=b.x.device)
+    # pairs without ground truth: all void, so no pair of them is ever "valid"
+    gt = torch.where(has.view(-1, 1, 1).to(b.gt.device), b.gt, torch.full_like(b.gt, loc.VOID))
+    return gt, has
+
+
+def _pointing(b: PairBatch, o: dict) -> Stats:
+    g = _gt_or_none(b)
+    if g is None:
+        return {}
+    hit, valid = loc.pointing_game(b.maps, g[0], b.target, **o)
+    return {"hit": hit, "valid": valid, "target": b.target}
+
+
+def _pointing_reduce(s: Stats) -> float | None:
+    if not s or not bool(s["valid"].any()):
+        return None
+    return loc.pointing_accuracy(s["hit"], s["valid"], s["target"])
+
+
+def _segmentation(b: PairBatch, o: dict) -> Stats:
+    g = _gt_or_none(b)
+    if g is None:
+        return {}
+    return _cached(b, "segmentation", lambda: loc.segmentation_stats(b.maps, g[0], b.target, **o))
+
+
+def _seg_reduce(name: str) -> Callable[[Stats], float | None]:
+    def reduce(s: Stats) -> float | None:
+        return loc.segmentation_summary(s).get(name) if s else None
+    return reduce
+
+
+# ---- sanity -------------------------------------------------------------------
+def _randomization(b: PairBatch, o: dict) -> Stats:
+    if b.random_maps is None:
+        raise ValueError("randomization_spearman: the batch has no random_maps (the maps of the method on a "
+                         "randomised explanandum); see explainer.metrics.sanity.model_randomization")
+    return {"value": rank_correlation(b.maps, b.random_maps, absolute=bool(o.get("absolute", False)))}
+
+
+SEG_OPTIONS = ("normalize", "f1_thresholds", "iou_thresholds", "soft")
+_SEG_DESC = {
+    "pixel_accuracy": "pixel accuracy of the map min-max normalised and thresholded at its mean, over the dataset "
+                      "(LTX/IIA)",
+    "miou": "mean over {background, foreground} of the dataset IoU of the mean-thresholded map (LTX/IIA)",
+    "f1": "F1 of the foreground of the mean-thresholded map, mean over pairs",
+    "f1_fixed": "F1 averaged over fixed thresholds {0.25, 0.5, 0.75} of the min-max normalised map "
+                "(Explainer paper)",
+    "iou_fixed": "foreground IoU averaged over thresholds 0.1..0.9 of the min-max normalised map "
+                 "(Explainer paper)",
+    "pixel_ap": "average precision of the soft map against the class's pixels (torchmetrics), mean over pairs",
+    "pixel_auroc": "ROC-AUC of the soft map against the class's pixels (torchmetrics), mean over pairs "
+                   "(Explainer paper)",
+}
+
+_SPECS: list[MetricSpec] = [
+    MetricSpec("deletion_auc", "lower", BASELINE_TEXT, TARGET_TEXT,
+               "RISE deletion: remove pixels by decreasing attribution in steps of ceil(HW/steps) pixels (default "
+               "steps=100), area under the target-probability curve, trapezoid over [0, 1]",
+               _deletion, _mean("auc"), options=("steps", "score")),
+    MetricSpec("insertion_auc", "higher", BASELINE_TEXT, TARGET_TEXT,
+               "RISE insertion: insert pixels into the baseline image by decreasing attribution, same schedule and "
+               "area as deletion", _insertion, _mean("auc"), options=("steps", "score")),
+    MetricSpec("pos_auc", "lower", BASELINE_TEXT, TARGET_TEXT,
+               "positive perturbation: remove the most relevant 0,10,...,90% of pixels, 100 * trapz of the "
+               "target's top-1 accuracy (multi-label: sigmoid > 0.5) over the fraction axis",
+               _pos, _mean("auc"), options=("fractions", "score")),
+    MetricSpec("neg_auc", "higher", BASELINE_TEXT, TARGET_TEXT,
+               "negative perturbation: remove the least relevant 0,10,...,90% of pixels, as pos_auc",
+               _neg, _mean("auc"), options=("fractions", "score")),
+    MetricSpec("adp", "lower", BASELINE_TEXT, TARGET_TEXT,
+               "Grad-CAM++ Average Drop %: 100 * mean(max(0, Y - O) / Y), O on the image masked by the min-max "
+               "normalised map", lambda b, o: {"v": _adp_pic(b)[0]}, _mean("v"), group="adp_pic"),
+    MetricSpec("pic", "higher", BASELINE_TEXT, TARGET_TEXT,
+               "Grad-CAM++ Increase in Confidence: 100 * mean(O > Y)", lambda b, o: {"v": _adp_pic(b)[1]},
+               _mean("v"), group="adp_pic"),
+    MetricSpec("saliency_metric", "lower", BASELINE_TEXT, TARGET_TEXT + "; Y = all classes explained for the image",
+               "Explainer paper: log(max(area, 0.05)) - log(sum_{c in Y} p_c(x masked by m)), m the pixel-wise max "
+               "of the image's min-max normalised maps, area = mean(m)", _saliency, _mean("value"),
+               options=("normalize", "min_area")),
+    MetricSpec("class_specificity", "higher", BASELINE_TEXT,
+               "the ground-truth classes of images with at least two of them (pairs of one image)",
+               "Explainer paper: S[c, t] = p_t(x masked by the map of class c); mean(diag) - mean(off-diag) per "
+               "image, mean over images", _specificity, _mean("value"), options=("normalize",)),
+    MetricSpec("pointing_game", "higher", NO_BASELINE, TARGET_TEXT,
+               "TorchRay pointing game: hit if the map's arg-max lies within 15 px of a pixel of the class "
+               "(void ignored); mean over classes of the hit rate", _pointing, _pointing_reduce,
+               needs_gt_masks=True, options=("tolerance",)),
+    *[MetricSpec(name, "higher", NO_BASELINE, TARGET_TEXT, desc, _segmentation, _seg_reduce(name),
+                 needs_gt_masks=True, group="segmentation", options=SEG_OPTIONS)
+      for name, desc in _SEG_DESC.items()],
+    MetricSpec("randomization_spearman", "lower", NO_BASELINE, TARGET_TEXT,
+               "Adebayo et al. model-parameter randomisation: Spearman rank correlation between the maps of the "
+               "trained and of the fully re-initialised explanandum, mean over pairs", _randomization,
+               _mean("value"), needs_random_maps=True, options=("absolute", "cascade", "seed")),
+]
+METRICS: dict[str, MetricSpec] = {s.name: s for s in _SPECS}
+DEFAULT_METRICS = ("deletion_auc", "insertion_auc", "pos_auc", "neg_auc", "adp", "pic", "pointing_game",
+                   "pixel_accuracy", "miou", "f1", "pixel_ap", "saliency_metric")
+
+
+def available() -> list[str]:
+    """Names of all registered metrics."""
+    return list(METRICS)
+
+
+def get(name: str) -> MetricSpec:
+    """The spec of metric ``name``; ValueError naming the known metrics otherwise."""
+    if name not in METRICS:
+        raise ValueError(f"metric: unknown metric {name!r}; expected one of {available()}")
+    return METRICS[name]
+
+
+def describe(names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Direction, baseline, target and description of each metric, as plain dicts."""
+    return {n: get(n).describe() for n in (names if names is not None else available())}
+
+
+class MetricTracker:
+    """Accumulate metrics over batches of pairs; ``compute()`` gives dataset values and reasons for skips.
+
+    Args:
+        names: metric names (ValueError for an unknown one).
+        options: per-metric option dicts keyed by metric name (or by a
+            group name, ``"segmentation"`` / ``"adp_pic"``, shared by its
+            metrics). Unknown keys raise ValueError.
+    """
+
+    def __init__(self, names: list[str], options: dict[str, dict] | None = None):
+        self.specs = [get(n) for n in names]
+        if len(set(names)) != len(names):
+            raise ValueError(f"metrics: duplicate names in {names}")
+        self.options: dict[str, dict] = {}
+        options = dict(options or {})
+        groups = {s.group for s in self.specs if s.group}
+        for key, opts in options.items():
+            if key not in METRICS and key not in groups:
+                raise ValueError(f"metric_options: {key!r} is neither a selected metric group nor a metric "
+                                 f"(known: {available()})")
+            if not isinstance(opts, dict):
+                raise ValueError(f"metric_options.{key}: expected a dict of options, got {opts!r}")
+        for s in self.specs:
+            o = {**options.get(s.group, {}), **options.get(s.name, {})} if s.group else dict(options.get(s.name, {}))
+            bad = set(o) - set(s.options)
+            if bad:
+                raise ValueError(f"metric_options.{s.name}: unknown option(s) {sorted(bad)}; expected some of "
+                                 f"{list(s.options)}")
+            self.options[s.name] = o
+        self.stats: dict[str, list[Stats]] = {s.name: [] for s in self.specs}
+        self.saw_masks = False
+
+    @property
+    def needs_random_maps(self) -> bool:
+        return any(s.needs_random_maps for s in self.specs)
+
+    def random_options(self) -> dict:
+        """Options of the randomisation metric for building the randomised explanandum (cascade, seed)."""
+        o = self.options.get("randomization_spearman", {})
+        return {k: o[k] for k in ("cascade", "seed") if k in o}
+
+    def update(self, batch: PairBatch) -> None:
+        if batch.gt is not None and (batch.has_mask is None or bool(batch.has_mask.any())):
+            self.saw_masks = True
+        for s in self.specs:
+            opts = {k: v for k, v in self.options[s.name].items() if k not in ("cascade", "seed")}
+            st = s.compute(batch, opts)
+            if st:
+                self.stats[s.name].append(st)
+
+    def compute(self) -> tuple[dict[str, float], dict[str, str]]:
+        """``(values, skipped)``: dataset value per metric, and the reason for every metric left out."""
+        values, skipped = {}, {}
+        for s in self.specs:
+            parts = self.stats[s.name]
+            st = {k: torch.cat([p[k].reshape(-1).cpu() for p in parts]) for k in parts[0]} if parts else {}
+            v = s.reduce(st) if st else None
+            if v is None or v != v:
+                if s.needs_gt_masks and not self.saw_masks:
+                    reason = "no ground-truth segmentation masks in the evaluated split"
+                elif s.needs_gt_masks:
+                    reason = "no evaluated pair: the explained classes have no pixels in the ground-truth masks"
+                elif s.name == "class_specificity":
+                    reason = "needs images with at least two explained classes (target: groundtruth, multi-label)"
+                else:
+                    reason = "no pair could be evaluated"
+                skipped[s.name] = reason
+                warnings.warn(f"metric {s.name!r} skipped: {reason}", stacklevel=2)
+            else:
+                values[s.name] = v
+        return values, skipped

@@ -1,0 +1,50 @@
+"""Explainer networks: segmentation_models_pytorch encoder-decoders giving C mask-logit maps."""
+
+from __future__ import annotations
+
+import warnings
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+
+def build_segmentation_net(architecture: str, encoder: str, classes: int, encoder_weights: str | None = None,
+                           **kwargs) -> nn.Module:
+    """``smp.create_model(architecture, encoder, ...)`` with clear errors for unknown names.
+
+    ``encoder`` may be any smp encoder or ``tu-<timm name>`` (smp's universal
+    timm encoder), e.g. ``tu-explainer_resnet_small`` or ``tu-resnet50``.
+    """
+    try:
+        return smp.create_model(architecture, encoder_name=encoder, encoder_weights=encoder_weights,
+                                classes=classes, **kwargs)
+    except KeyError as err:
+        raise ValueError(f"architecture: smp has no architecture {architecture!r} "
+                         f"(e.g. Unet, UnetPlusPlus, FPN, DeepLabV3, DeepLabV3Plus)") from err
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"encoder: cannot build encoder {encoder!r} for {architecture!r}: {err}") from err
+
+
+def init_encoder_from(net: nn.Module, source: nn.Module) -> int:
+    """Copy every tensor of ``source`` (a timm backbone) whose name and shape match into ``net.encoder``.
+
+    Works when the encoder is smp's ``tu-<arch>`` of the explanandum's own
+    architecture (its parameter names are timm's). Returns how many tensors
+    were copied; warns when none fit.
+    """
+    enc = getattr(net, "encoder", None)
+    target = getattr(enc, "model", enc)
+    if target is None:
+        raise ValueError("init_encoder_from: the network has no .encoder")
+    src = source.state_dict()
+    dst = target.state_dict()
+    copied = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
+    if not copied:
+        warnings.warn("init_encoder_from_explanandum: no parameter of the explanandum fits the encoder "
+                      "(use encoder 'tu-<explanandum arch>'); the encoder keeps its initialisation", stacklevel=2)
+        return 0
+    with torch.no_grad():
+        for k, v in copied.items():
+            dst[k].copy_(v)
+    return len(copied)
