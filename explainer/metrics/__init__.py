@@ -1,0 +1,65 @@
+"""Faithfulness, localisation and sanity metrics for attribution maps (the papers' protocols).
+
+Every metric states its direction, baseline fill and target class, in its
+docstring and in its :class:`MetricSpec` (``explainer.metrics.get(name)``):
+
+================== ========= =================================================
+name               better    what
+================== ========= =================================================
+deletion_auc       lower     RISE deletion curve area (probability)
+insertion_auc      higher    RISE insertion curve area (probability)
+pos_auc            lower     remove most relevant 0..90%, AUC of accuracy
+neg_auc            higher    remove least relevant 0..90%, AUC of accuracy
+adp                lower     Grad-CAM++ average drop %
+pic                higher    Grad-CAM++ increase in confidence %
+saliency_metric    lower     Explainer paper's log-area minus log-probability
+class_specificity  higher    Explainer paper: diag - off-diag of p_t(x|m_c)
+pointing_game      higher    TorchRay pointing game, 15 px tolerance
+pixel_accuracy     higher    mean-thresholded map vs ground truth (LTX/IIA)
+miou               higher    mean IoU of {bg, fg} (LTX/IIA)
+f1                 higher    F1 of the mean-thresholded map
+f1_fixed           higher    F1 over thresholds 0.25/0.5/0.75 (Explainer)
+iou_fixed          higher    IoU over thresholds 0.1..0.9 (Explainer)
+pixel_ap           higher    average precision of the soft map
+pixel_auroc        higher    ROC-AUC of the soft map (Explainer)
+randomization_...  lower     Adebayo sanity check: rank correlation
+================== ========= =================================================
+
+The plain functions (``deletion_auc(f, x, maps, target, ...)`` etc.) are
+the definitions; the registry and :class:`MetricTracker` only call them.
+"""
+
+from explainer.metrics.localization import (
+    pointing_accuracy,
+    pointing_game,
+    segmentation_stats,
+    segmentation_summary,
+)
+from explainer.metrics.perturbation import (
+    adp_pic,
+    class_specificity,
+    deletion_auc,
+    insertion_auc,
+    neg_auc,
+    pos_auc,
+    rise_counts,
+    saliency_metric,
+    trapezoid_auc,
+)
+from explainer.metrics.registry import (
+    DEFAULT_METRICS,
+    METRICS,
+    MetricSpec,
+    MetricTracker,
+    PairBatch,
+    available,
+    describe,
+    get,
+)
+from explainer.metrics.sanity import model_randomization, randomize_explanandum, rank_correlation
+
+__all__ = ["pointing_accuracy", "pointing_game", "segmentation_stats", "segmentation_summary", "adp_pic",
+           "class_specificity", "deletion_auc", "insertion_auc", "neg_auc", "pos_auc", "rise_counts",
+           "saliency_metric", "trapezoid_auc", "DEFAULT_METRICS", "METRICS", "MetricSpec", "MetricTracker",
+           "PairBatch", "available", "describe", "get", "model_randomization", "randomize_explanandum",
+           "rank_correlation"]
