@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_stat_scores
+from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
 from explainer.metrics._common import Target, check_images_maps, minmax
 
@@ -119,18 +119,13 @@ def _normalized(maps: torch.Tensor, normalize: str) -> torch.Tensor:
 
 
 def confusion(pred: torch.Tensor, fg: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """Per-map counts over the non-void pixels: long (N, 4) = (tp, fp, tn, fn).
-
-    Computed by torchmetrics' ``binary_stat_scores`` (sample-wise) with the
-    void pixels passed as its ``ignore_index``.
-    """
-    n = pred.shape[0]
-    if n == 0:
-        return torch.zeros(0, 4, dtype=torch.long, device=pred.device)
-    tgt = torch.where(known, fg.long(), torch.full_like(fg, VOID, dtype=torch.long))
-    st = binary_stat_scores(pred.long().reshape(n, -1), tgt.reshape(n, -1), multidim_average="samplewise",
-                            ignore_index=VOID, validate_args=False)
-    return st[:, :4].long()
+    """Per-map counts over the non-void pixels: long (N, 4) = (tp, fp, tn, fn); void pixels are not counted."""
+    pred, fg, known = pred.flatten(1), fg.flatten(1), known.flatten(1)
+    tp = (pred & fg & known).sum(1)
+    fp = (pred & ~fg & known).sum(1)
+    tn = (~pred & ~fg & known).sum(1)
+    fn = (~pred & fg & known).sum(1)
+    return torch.stack([tp, fp, tn, fn], 1)
 
 
 def _f1(c: torch.Tensor) -> torch.Tensor:
