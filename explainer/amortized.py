@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,8 @@ def load(path: str | os.PathLike, explanandum: str | None = None, map_location: 
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint: {str(path)!r} holds {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
     cls = module_class(meta["kind"])
-    hp = dict(meta["hparams"])
+    init = inspect.signature(cls.__init__).parameters
+    hp = {k: v for k, v in meta["hparams"].items() if k in init}
     spec = explanandum or _resolve_spec(meta["explanandum"]["spec"], path)
     hp["explanandum"] = spec
     hp["explanandum_fingerprint"] = meta["explanandum"]["fingerprint"]

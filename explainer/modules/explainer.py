@@ -16,6 +16,7 @@ that rewards a class's own map for keeping that class and no other.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,15 @@ class AmortizedExplainerModule(pl.LightningModule):
         return apply_mask(x, m, self.hparams.baseline, self.explanandum.mean)
 
     # ---- Lightning ------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "class_names"):
+            names = dm.class_names
+            if len(names) != self.num_classes:
+                raise ValueError(f"data: the datamodule has {len(names)} classes, the explanandum "
+                                 f"{self.explanandum.spec!r} predicts {self.num_classes}")
+            self.input_size = getattr(dm, "image_size", None)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.explanandum.train(False)  # frozen, whatever the parent does
@@ -205,7 +215,8 @@ class AmortizedExplainerModule(pl.LightningModule):
     def export_metadata(self) -> dict[str, Any]:
         """Self-description written into checkpoints and exports (plain JSON types)."""
         f = self.explanandum
-        hp = {k: v for k, v in dict(self.hparams).items()}
+        init = inspect.signature(type(self).__init__).parameters
+        hp = {k: v for k, v in dict(self.hparams).items() if k in init}
         return {"format": CHECKPOINT_FORMAT, "kind": self.kind, "class_names": f.class_names,
                 "num_classes": f.num_classes, "multilabel": f.multilabel, "baseline": self.hparams.baseline,
                 "mean": f.mean.flatten().tolist(), "std": f.std.flatten().tolist(),
