@@ -63,14 +63,15 @@ def read_meta(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return ck["explainer_meta"], ck["state_dict"]
 
 
-def load(path: str | os.PathLike, explanandum: str | None = None, map_location: str | torch.device = "cpu"):
+def load(path: str | os.PathLike, explanandum: Any = None, map_location: str | torch.device = "cpu"):
     """Restore a trained explainer (Explainer or LTX) with its frozen explanandum, in eval mode.
 
     Args:
         path: a Lightning ``.ckpt`` written by training, or a ``.safetensors``
             export (``python -m explainer export``).
-        explanandum: override the explanandum spec recorded in the checkpoint
-            (e.g. the classifier lives elsewhere on this machine). Its weights
+        explanandum: override the explanandum recorded in the checkpoint: a spec
+            (e.g. the classifier lives elsewhere on this machine) or a loaded
+            Explanandum. Its weights
             must be the ones the explainer was trained against (checked by
             fingerprint).
         map_location: device to put it on.

@@ -217,6 +217,7 @@ class AmortizedExplainerModule(pl.LightningModule):
         f = self.explanandum
         init = inspect.signature(type(self).__init__).parameters
         hp = {k: v for k, v in dict(self.hparams).items() if k in init}
+        hp["explanandum"] = f.spec  # a spec string, also when an Explanandum object was passed in
         return {"format": CHECKPOINT_FORMAT, "kind": self.kind, "class_names": f.class_names,
                 "num_classes": f.num_classes, "multilabel": f.multilabel, "baseline": self.hparams.baseline,
                 "mean": f.mean.flatten().tolist(), "std": f.std.flatten().tolist(),
