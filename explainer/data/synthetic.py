@@ -40,7 +40,7 @@ CLASSES: tuple[str, ...] = (
     "square",
     "star",
     "triangle",
-)  # alphabetical, as VOC's class order is: segmentation index = position + 1
+)  # segmentation index = position + 1; the order is recorded in synthetic.json
 
 SPLITS = ("train", "val", "test")
 VOID = 255
@@ -359,6 +359,7 @@ def _write_tree(root: Path, counts, seed, image_size, spurious_class, spurious_p
     present: dict[str, list[set[str]]] = {k: [] for k in SPLITS}
     difficult_only: dict[str, list[set[str]]] = {k: [] for k in SPLITS}
     sp_idx = CLASSES.index(spurious_class) if spurious_class else None
+    grid_bg: dict[str, list[str]] = {k: [] for k in SPLITS}
     n = 0
     for split_i, split in enumerate(SPLITS):
         # one independent stream per split and image: any split count change
@@ -376,6 +377,8 @@ def _write_tree(root: Path, counts, seed, image_size, spurious_class, spurious_p
                 else:
                     spurious_bg = rng.random() < spurious_p * 0.5
             rgb, cls_map, obj_map, objs = render(rng, image_size, spurious_bg, classes_wanted)
+            if spurious_bg:
+                grid_bg[split].append(stem)
             Image.fromarray(rgb).save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
             for arr, sub in ((cls_map, "SegmentationClass"), (obj_map, "SegmentationObject")):
                 p = Image.fromarray(arr, mode="P")
@@ -406,5 +409,6 @@ def _write_tree(root: Path, counts, seed, image_size, spurious_class, spurious_p
         (main / f"{c}_trainval.txt").write_text(a)
     meta = {"generator": "explainer.data.synthetic", "seed": seed, "image_size": image_size,
             "counts": counts, "classes": list(CLASSES), "spurious_class": spurious_class,
-            "spurious_p": spurious_p if spurious_class else None}
+            "spurious_p": spurious_p if spurious_class else None,
+            "spurious_background": grid_bg if spurious_class else None}
     (root / "synthetic.json").write_text(json.dumps(meta, indent=1))

@@ -31,7 +31,14 @@ def find_voc_root(root: str | os.PathLike) -> Path:
 
 
 def voc_class_names(root: Path) -> list[str]:
-    """Class names in VOC order: sorted names of the ``ImageSets/Main/<class>_train.txt`` files."""
+    """Class names in the tree's order.
+
+    A generated tree declares its order in ``synthetic.json``; otherwise VOC's
+    order: the sorted names of the ``ImageSets/Main/<class>_train.txt`` files.
+    """
+    meta = root / "synthetic.json"
+    if meta.is_file():
+        return list(json.loads(meta.read_text())["classes"])
     main = root / "ImageSets" / "Main"
     names = sorted(p.name[: -len("_train.txt")] for p in main.glob("*_train.txt"))
     if not names:
