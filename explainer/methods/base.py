@@ -1,0 +1,426 @@
+"""The one interface behind every attribution method, and the plumbing they share.
+
+* :class:`Method` -- constructor ``Method(f, **options)``, ``attribute(x, target) -> (B, 1, H, W)``.
+* the registry -- :func:`register`, :func:`available`, :func:`get` (names -> classes, one place).
+* targets -- :func:`resolve_targets` turns ``int | list[int] | LongTensor (B,) | None`` into ``LongTensor (B,)``.
+* layers -- :func:`find_layer`, :func:`default_layers`: modules chosen by dotted name inside ``f.model``.
+* hooks -- :func:`forward_hooks`, :func:`capture_outputs`, :func:`replace_output`: context managers that
+  always remove their hooks, also when the body raises (the Zennit pattern).
+* small helpers -- :func:`trapezoid_weights`, :func:`minmax_normalize`, :func:`upsample`, :func:`chunks`,
+  :func:`progress_bar`, :func:`no_validation`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from explainer.explanandum import Explanandum, check_images
+
+TargetLike = int | Sequence[int] | torch.Tensor | None
+
+# --------------------------------------------------------------------------------------------- registry --
+_REGISTRY: dict[str, Callable[..., "Method"]] = {}
+
+T = TypeVar("T")
+
+
+def register(name: str) -> Callable[[T], T]:
+    """Class decorator: make a :class:`Method` (or a factory ``(f, **options) -> Method``) known as ``name``.
+
+    Registering a different object under a taken name is an error; re-registering the same class (a
+    module reloaded) replaces it.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty string, got {name!r}")
+
+    def deco(obj: T) -> T:
+        old = _REGISTRY.get(name)
+        if old is not None and old is not obj and (
+                getattr(old, "__module__", None), getattr(old, "__qualname__", None)) != (
+                getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)):
+            raise ValueError(f"name: method {name!r} is already registered to "
+                             f"{old.__module__}.{old.__qualname__}")
+        _REGISTRY[name] = obj  # type: ignore[assignment]
+        if isinstance(obj, type) and issubclass(obj, Method) and not obj.__dict__.get("name"):
+            obj.name = name
+        return obj
+
+    return deco
+
+
+def available() -> list[str]:
+    """Names of all registered methods, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str, f: nn.Module | str | None, **options: Any) -> "Method":
+    """Build the method called ``name`` for explanandum ``f`` with its ``options``.
+
+    ``f`` may be an :class:`~explainer.explanandum.Explanandum`, a bare ``nn.Module`` (wrapped with
+    :func:`explainer.load_explanandum`) or anything ``load_explanandum`` resolves (``"timm:<name>"``, a
+    checkpoint path).
+    """
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"name: unknown method {name!r}{hint}; available: {', '.join(available())}")
+    return _REGISTRY[name](f, **options)
+
+
+# ----------------------------------------------------------------------------------------------- targets --
+def resolve_targets(f: Explanandum, x: torch.Tensor, target: TargetLike) -> torch.LongTensor:
+    """``target`` as a LongTensor (B,) on ``x``'s device.
+
+    ``None`` means the predicted top-1 class ``argmax_c f(x)[:, c]``; an int applies to every image; a list
+    or a tensor gives one class per image (a 0-d tensor counts as an int).
+    """
+    b, c = x.shape[0], f.num_classes
+    if target is None:
+        with torch.no_grad():
+            return f(x).argmax(dim=1)
+    if isinstance(target, bool):
+        raise TypeError("target: expected int | list[int] | LongTensor (B,) | None, got bool")
+    if isinstance(target, int):
+        t = torch.full((b,), target, dtype=torch.long, device=x.device)
+    elif isinstance(target, torch.Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"target: expected an integer (Long) tensor of class indices, got dtype {target.dtype}")
+        if target.dim() == 0:
+            target = target.expand(b)
+        if target.dim() != 1 or target.shape[0] != b:
+            raise ValueError(f"target: expected shape ({b},) (one class per image), got {tuple(target.shape)}")
+        t = target.to(device=x.device, dtype=torch.long)
+    elif isinstance(target, Sequence) and not isinstance(target, str):
+        if len(target) != b:
+            raise ValueError(f"target: expected {b} class indices (one per image), got {len(target)}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in target):
+            raise TypeError(f"target: expected a list of ints, got {list(target)!r}")
+        t = torch.tensor(list(target), dtype=torch.long, device=x.device)
+    else:
+        raise TypeError(f"target: expected int | list[int] | LongTensor (B,) | None, got {type(target).__name__}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
+        bad = t[(t < 0) | (t >= c)].tolist()
+        raise ValueError(f"target: class indices must lie in [0, {c - 1}] for this {c}-class explanandum, "
+                         f"got {bad}")
+    return t
+
+
+# ------------------------------------------------------------------------------------------------ layers --
+def find_layer(model: nn.Module, name: str, what: str = "layer") -> nn.Module:
+    """The module at dotted path ``name`` inside ``model`` (``"layer4"``, ``"features.28"``, ``"blocks.11"``).
+
+    Negative indices in a path are allowed (``"blocks.-1.norm1"``). An unknown name raises a ValueError
+    listing the closest and the top-level candidates.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what}: expected a dotted module name, got {name!r}")
+    modules = dict(model.named_modules())
+    resolved = _normalise_path(model, name)
+    if resolved in modules and resolved != "":
+        return modules[resolved]
+    names = [n for n in modules if n]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    top = [n for n, _ in model.named_children()]
+    hint = f"closest: {', '.join(close)}; " if close else ""
+    raise ValueError(f"{what}: no module {name!r} in {type(model).__name__}; {hint}top-level modules: "
+                     f"{', '.join(top)} (any dotted path from model.named_modules() works)")
+
+
+def _normalise_path(model: nn.Module, name: str) -> str:
+    """Resolve negative indices in a dotted path: ``blocks.-1`` -> ``blocks.11``."""
+    parts, mod, out = name.split("."), model, []
+    for p in parts:
+        if p.lstrip("-").isdigit() and p.startswith("-") and isinstance(mod, (nn.Sequential, nn.ModuleList)):
+            p = str(len(mod) + int(p))
+        out.append(p)
+        mod = getattr(mod, p, None) if not p.isdigit() else (mod[int(p)] if isinstance(
+            mod, (nn.Sequential, nn.ModuleList)) and int(p) < len(mod) else getattr(mod, p, None))
+        if mod is None:
+            return name
+    return ".".join(out)
+
+
+def is_vit(model: nn.Module) -> bool:
+    """A timm-style vision transformer: ``blocks`` whose members have an ``attn`` with ``attn_drop``."""
+    blocks = getattr(model, "blocks", None)
+    return (isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0
+            and hasattr(getattr(blocks[0], "attn", None), "attn_drop") and hasattr(model, "patch_embed"))
+
+
+def default_layers(model: nn.Module) -> tuple[str, str]:
+    """``(last, previous)`` layer names for common architectures.
+
+    ResNet-like (``layer4``): ``("layer4", "layer3")``; timm stage models (``stages``): the last two stages;
+    ``features`` CNNs (VGG, DenseNet, torchvision ConvNeXt/EfficientNet): the last convolution and the last
+    convolution before the final down-sampling; timm ViT: ``blocks.<N-1>.norm1`` and ``blocks.<N-2>.norm1``
+    (the input of the last blocks: the class token alone feeds the head, so the last block's patch tokens
+    carry no gradient).
+    """
+    names = dict(model.named_children())
+    if "layer4" in names and "layer3" in names:
+        return "layer4", "layer3"
+    stages = names.get("stages")
+    if isinstance(stages, (nn.Sequential, nn.ModuleList)) and len(stages) >= 2:
+        return f"stages.{len(stages) - 1}", f"stages.{len(stages) - 2}"
+    if is_vit(model):
+        n = len(model.blocks)
+        return f"blocks.{n - 1}.norm1", f"blocks.{max(n - 2, 0)}.norm1"
+    feats = names.get("features")
+    if isinstance(feats, nn.Module):
+        convs = [n for n, m in feats.named_modules() if isinstance(m, nn.Conv2d)]
+        if convs:
+            last = convs[-1]
+            # the previous stage ends at the last conv followed by a pooling / strided layer
+            order = [n for n, _ in feats.named_modules() if n]
+            mods = dict(feats.named_modules())
+            prev = None
+            for i, n in enumerate(order):
+                m = mods[n]
+                if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) or (isinstance(m, nn.Conv2d) and max(
+                        _pair(m.stride)) > 1):
+                    earlier = [c for c in convs if order.index(c) < i]
+                    if earlier and earlier[-1] != last:
+                        prev = earlier[-1]
+            return f"features.{last}", f"features.{prev or last}"
+    raise ValueError(f"layer: no default layer for {type(model).__name__}; pass layer= a module name, e.g. "
+                     f"one of {', '.join(n for n, _ in model.named_children())}")
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def tokens_to_map(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A layer output as a spatial map (B, C, h, w): 4-D outputs pass; ViT tokens (B, N, D) drop the
+    prefix (class) tokens and fold the patch tokens onto the patch grid."""
+    if t.dim() == 4:
+        return t
+    if t.dim() == 3 and is_vit(model):
+        n_prefix = int(getattr(model, "num_prefix_tokens", 1))
+        patches = t[:, n_prefix:]
+        gh, gw = grid_size(model, patches.shape[1])
+        return patches.transpose(1, 2).reshape(t.shape[0], t.shape[2], gh, gw)
+    raise ValueError(f"layer: expected a layer with a spatial output (B, C, h, w) or ViT tokens, got an output "
+                     f"of shape {tuple(t.shape)}")
+
+
+def grid_size(model: nn.Module, n: int) -> tuple[int, int]:
+    g = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if g is not None and g[0] * g[1] == n:
+        return int(g[0]), int(g[1])
+    s = int(round(n ** 0.5))
+    if s * s != n:
+        raise ValueError(f"cannot fold {n} patch tokens onto a square grid")
+    return s, s
+
+
+# ------------------------------------------------------------------------------------------------- hooks --
+@contextlib.contextmanager
+def forward_hooks(pairs: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Register forward hooks ``(module, hook)`` for the body of a ``with``; remove them on any exit."""
+    handles = []
+    try:
+        for module, hook in pairs:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def capture_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record each module's latest output in the yielded dict (name -> tensor)."""
+    store: dict[str, torch.Tensor] = {}
+
+    def make(key):
+        def hook(_m, _i, out):
+            store[key] = out
+            # downstream in-place ops (ReLU(inplace=True) after a conv) must not overwrite what we keep
+            return out.clone() if isinstance(out, torch.Tensor) else out
+        return hook
+
+    with forward_hooks((m, make(k)) for k, m in modules.items()):
+        yield store
+
+
+@contextlib.contextmanager
+def replace_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """While active, ``module``'s output ``u`` is replaced by ``fn(u)``.
+
+    ``fn`` may change the batch size (one sample -> several path points), which is valid when the
+    module's output alone feeds the rest of the network (ResNet stages, VGG features, ViT blocks).
+    """
+    def hook(_m, _i, out):
+        return fn(out)
+
+    with forward_hooks([(module, hook)]):
+        yield
+
+
+@contextlib.contextmanager
+def no_validation(f: Explanandum) -> Iterator[Explanandum]:
+    """Switch off the explanandum's per-call input checks inside tight loops (the method built the inputs)."""
+    old = getattr(f, "validate", True)
+    f.validate = False
+    try:
+        yield f
+    finally:
+        f.validate = old
+
+
+# ----------------------------------------------------------------------------------------------- helpers --
+def check_steps(value: Any, name: str = "steps", minimum: int = 1) -> int:
+    """An int >= ``minimum`` or a ValueError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_areas(areas: Any, name: str = "areas") -> tuple[float, ...]:
+    """Areas as a tuple of floats strictly inside (0, 1)."""
+    vals = (areas,) if isinstance(areas, (int, float)) else tuple(areas)
+    if not vals:
+        raise ValueError(f"{name}: expected at least one area in (0, 1), got {areas!r}")
+    for a in vals:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 < float(a) < 1.0:
+            raise ValueError(f"{name}: every area must be a fraction of the image strictly inside (0, 1), "
+                             f"got {areas!r}")
+    return tuple(float(a) for a in vals)
+
+
+def trapezoid_weights(steps: int, device: torch.device | str | None = None,
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points ``alpha_k = k / steps`` (k = 0..steps) and trapezoid weights summing to 1.
+
+    ``int_0^1 g(a) da ~= sum_k w_k g(alpha_k)`` with ``w = [1/2, 1, ..., 1, 1/2] / steps`` -- the same rule
+    as Captum's ``method="riemann_trapezoid"`` with ``n_steps = steps + 1``.
+    """
+    alphas = torch.linspace(0, 1, steps + 1, device=device, dtype=dtype)
+    w = torch.full((steps + 1,), 1.0 / steps, device=device, dtype=dtype)
+    w[0] = w[-1] = 0.5 / steps
+    return alphas, w
+
+
+def minmax_normalize(m: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Per image and channel: ``(m - min) / (max - min)`` over the spatial dims (a constant map -> 0)."""
+    flat = m.flatten(2)
+    lo = flat.min(dim=2, keepdim=True).values
+    hi = flat.max(dim=2, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(m)
+
+
+def upsample(m: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize maps (B, K, h, w) to ``size`` (align_corners=False)."""
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m
+    return F.interpolate(m, size=tuple(size), mode=mode, align_corners=False)
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    """Slices covering ``range(n)`` in pieces of at most ``size``."""
+    size = max(1, int(size))
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
+
+
+def progress_bar(iterable: Iterable[T], enabled: bool, desc: str = "", total: int | None = None) -> Iterable[T]:
+    """A tqdm bar around ``iterable`` when ``enabled``, the iterable itself otherwise."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def target_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``logits[b, target[b]]`` for every row ``b`` (B,)."""
+    return logits.gather(1, target.view(-1, 1)).squeeze(1)
+
+
+# ------------------------------------------------------------------------------------------------ Method --
+class Method:
+    """Base class of every attribution method: ``Method(f, **options).attribute(x, target) -> (B, 1, H, W)``.
+
+    Subclasses implement :meth:`_attribute` (x already checked and on the explanandum's device, targets
+    resolved to LongTensor (B,)). Common options:
+
+    Args:
+        f: the explanandum (an :class:`~explainer.explanandum.Explanandum`, a bare nn.Module, or a spec
+            string that :func:`explainer.load_explanandum` resolves).
+        internal_batch_size: bound on the number of images in one forward pass of methods that make many
+            passes (path points, masks, perturbations); memory scales with it, results do not.
+        progress: show a tqdm bar over long per-image optimisations and loops (default off).
+        seed: seed of every random choice a method makes (RISE masks, INR initialisation, area sampling);
+            the same seed gives identical results.
+    """
+
+    name: ClassVar[str] = ""
+    #: whether results depend on ``seed`` (random masks, random initialisation)
+    stochastic: ClassVar[bool] = False
+
+    def __init__(self, f: nn.Module | str, *, internal_batch_size: int = 64, progress: bool = False,
+                 seed: int = 0):
+        self.f = self._explanandum(f)
+        self.internal_batch_size = check_steps(internal_batch_size, "internal_batch_size")
+        self.progress = bool(progress)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed: expected an int, got {seed!r}")
+        self.seed = seed
+
+    @staticmethod
+    def _explanandum(f: Any) -> Explanandum:
+        if isinstance(f, Explanandum):
+            return f
+        if f is None:
+            raise ValueError("f: expected the explanandum (an Explanandum, an nn.Module or a spec string), got None")
+        from explainer.explanandum import load_explanandum
+
+        return load_explanandum(f)
+
+    @property
+    def model(self) -> nn.Module:
+        """The raw network inside the explanandum (layer names are paths inside it)."""
+        return self.f.model
+
+    def layer(self, name: str | None, which: str = "last", what: str = "layer") -> tuple[str, nn.Module]:
+        """``(name, module)`` of a layer chosen by name, or the architecture's default ``which`` layer."""
+        if name is None:
+            last, prev = default_layers(self.model)
+            name = last if which == "last" else prev
+        return name, find_layer(self.model, name, what)
+
+    def attribute(self, x: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
+        """Attribution maps for images ``x`` (B, 3, H, W) in [0, 1]: float (B, 1, H, W) on ``x``'s device."""
+        check_images(x)
+        dev = device_of(self.f)
+        xd = x.detach().to(dev)
+        t = resolve_targets(self.f, xd, target)
+        with torch.enable_grad():
+            out = self._attribute(xd, t)
+        if out.dim() != 4 or out.shape[0] != x.shape[0] or out.shape[1] != 1 or out.shape[-2:] != x.shape[-2:]:
+            raise RuntimeError(f"{type(self).__name__} returned maps of shape {tuple(out.shape)}, "
+                               f"expected {(x.shape[0], 1, *x.shape[-2:])}")
+        return out.detach().float().to(x.device)
+
+    __call__ = attribute
+
+    def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, f={self.f.spec or type(self.f.model).__name__!r})"
