@@ -486,3 +486,26 @@ def test_tracker_batches_equal_whole_and_skips_without_masks(tiny_cnn):
     assert set(vals) == {"deletion_auc"}
     assert set(skipped) == {"miou", "pointing_game"} and "no ground-truth" in skipped["miou"]
     assert M.describe(["miou"])["miou"]["direction"] == "higher"
+
+
+def test_tracker_class_specificity_and_saliency_group_pairs_by_image(tiny_cnn):
+    x1 = torch.rand(3, 3, 16, 16)
+    ids = torch.tensor([0, 0, 1, 1, 1, 2])
+    x = x1[ids]
+    maps = rand_maps(6, 16, 16, seed=2)
+    t = torch.tensor([0, 2, 1, 2, 3, 0])
+    tr = M.MetricTracker(["class_specificity", "saliency_metric"])
+    tr.update(M.PairBatch(tiny_cnn, x, maps, t, ids, max_batch=4))
+    vals, _ = tr.compute()
+    expect = []
+    for g in ([0, 1], [2, 3, 4]):
+        s = M.class_specificity(tiny_cnn, x[g[0]], maps[g], t[g])
+        eye = torch.eye(len(g), dtype=torch.bool)
+        expect.append(float(s[eye].mean() - s[~eye].mean()))
+    assert vals["class_specificity"] == pytest.approx(np.mean(expect), abs=1e-6)
+    sal = []
+    for g in ([0, 1], [2, 3, 4], [5]):
+        union = M.perturbation.minmax(maps[g]).amax(0, keepdim=True)
+        sal.append(float(M.saliency_metric(tiny_cnn, x[g[0]][None], union, t[g].view(1, -1).new_zeros(1, 4)
+                                           .index_fill_(1, t[g], 1), normalize=False)[0]))
+    assert vals["saliency_metric"] == pytest.approx(np.mean(sal), abs=1e-5)

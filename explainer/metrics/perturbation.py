@@ -193,6 +193,17 @@ def adp_pic(f, x: torch.Tensor, maps: torch.Tensor, target: Target = None, *,
     return adp, pic
 
 
+@torch.no_grad()
+def masked_probabilities(f, x: torch.Tensor, masks: torch.Tensor, baseline: str | torch.Tensor = "mean",
+                         max_batch: int = 256) -> torch.Tensor:
+    """``f.probabilities(f(apply_mask(x, masks, baseline)))`` (N, C), ``max_batch`` images per pass."""
+    check_max_batch(max_batch)
+    base = baseline_images(f, x, baseline)
+    out = [f.probabilities(f(apply_mask(x[s:s + max_batch], masks[s:s + max_batch], base[s:s + max_batch]))).float()
+           for s in range(0, x.shape[0], max_batch)]
+    return torch.cat(out) if out else torch.empty(0, getattr(f, "num_classes", 0), device=x.device)
+
+
 def _multi_hot(classes, n: int, num_classes: int, device) -> torch.Tensor:
     if isinstance(classes, torch.Tensor) and classes.dim() == 2:
         if classes.shape != (n, num_classes):
@@ -230,12 +241,7 @@ def saliency_metric(f, x: torch.Tensor, masks: torch.Tensor, classes, *, baselin
     check_max_batch(max_batch)
     m = minmax(masks) if normalize else masks.clamp(0, 1)
     y = _multi_hot(classes, x.shape[0], f.num_classes, x.device)
-    base = baseline_images(f, x, baseline)
-    probs = []
-    for s in range(0, x.shape[0], max_batch):
-        sl = slice(s, s + max_batch)
-        probs.append(f.probabilities(f(apply_mask(x[sl], m[sl], base[sl]))).float())
-    p = (torch.cat(probs) * y).sum(1)
+    p = (masked_probabilities(f, x, m, baseline, max_batch) * y).sum(1)
     area = m.flatten(1).mean(1).float()
     return torch.log(area.clamp_min(min_area)) - torch.log(p.clamp_min(1e-12))
 
@@ -272,9 +278,4 @@ def class_specificity(f, x: torch.Tensor, class_masks: torch.Tensor, classes: Se
     cl = torch.as_tensor(classes, device=x.device).long().view(-1)
     if cl.numel() != k:
         raise ValueError(f"classes: expected {k} class indices (one per mask), got {cl.numel()}")
-    base = baseline_images(f, xs, baseline)
-    probs = []
-    for s in range(0, k, max_batch):
-        sl = slice(s, s + max_batch)
-        probs.append(f.probabilities(f(apply_mask(xs[sl], m[sl], base[sl]))).float())
-    return torch.cat(probs)[:, cl]
+    return masked_probabilities(f, xs, m, baseline, max_batch)[:, cl]

@@ -149,15 +149,21 @@ def _saliency(b: PairBatch, o: dict) -> Stats:
 
 
 def _specificity(b: PairBatch, o: dict) -> Stats:
-    vals = []
-    for g in b.groups():
-        if g.numel() < 2:
-            continue
-        s = pert.class_specificity(b.f, b.x[g[0]], b.maps[g], b.target[g], baseline=b.baseline,
-                                   normalize=bool(o.get("normalize", True)), max_batch=b.max_batch)
+    # all (image, class-mask) rows of the batch's multi-class images go through f together
+    groups = [g for g in b.groups() if g.numel() >= 2]
+    if not groups:
+        return {"value": torch.empty(0, device=b.x.device)}
+    rows = torch.cat(groups)
+    norm = bool(o.get("normalize", True))
+    m = pert.minmax(b.maps[rows]) if norm else b.maps[rows].clamp(0, 1)
+    probs = pert.masked_probabilities(b.f, b.x[rows], m, b.baseline, b.max_batch)
+    vals, start = [], 0
+    for g in groups:
+        s = probs[start:start + g.numel()][:, b.target[g]]  # S[c, t] = p_t(x masked by m_c)
+        start += g.numel()
         eye = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
         vals.append(s[eye].mean() - s[~eye].mean())
-    return {"value": torch.stack(vals) if vals else torch.empty(0, device=b.x.device)}
+    return {"value": torch.stack(vals)}
 
 
 # ---- localisation metrics ---------------------------------------------------

@@ -1,0 +1,416 @@
+"""``python -m explainer evaluate --config configs/<...>.yaml --out results.json``.
+
+Runs every configured attribution method on a seeded, fixed subset of a
+split, times it, scores its maps with :mod:`explainer.metrics`, and writes
+
+* ``results.json`` (the format of docs/API.md, plus ``metric_specs``: the
+  direction, baseline and target of each metric, and per method
+  ``skipped_metrics``: why a metric was left out; a metric that does not
+  apply is never written as a number),
+* ``results.md`` beside it: the same numbers as a markdown table,
+* ``results.png`` beside it: a grid of images (rows) by methods (columns).
+
+Targets. ``target: predicted`` explains the classifier's top-1 class of
+each image (one map per image). ``target: groundtruth`` explains *every
+class present in the image*: a multi-label image with ``k`` labelled
+classes gives ``k`` (image, class) pairs, each with its own map and its own
+scores; faithfulness metrics average over pairs, the pointing game over
+classes (TorchRay), ``miou``/``pixel_accuracy`` accumulate pixels over pairs
+(LTX/IIA). This is the TorchRay and Explainer-paper protocol, and it avoids
+choosing one arbitrary class of a multi-label image. ``seconds_per_image``
+is the method's time over the images (all their pairs), ``seconds_per_map``
+over the maps.
+
+The config (YAML)::
+
+    explanandum: checkpoints/classifier.safetensors   # or {spec: ..., num_classes: ..., weights: ...}
+    data:                                             # "datamodule" works too
+      class_path: explainer.data.SyntheticDataModule
+      init_args: {root: data/synthetic, image_size: 128}
+    split: test
+    num_images: 200          # seeded fixed subset (seed below); null: the whole split
+    seed: 0
+    target: groundtruth      # groundtruth | predicted
+    baseline: mean           # mean | black | blur: the fill of removed pixels in the metrics
+    methods:                 # name -> options of explainer.methods.get(name, f, **options)
+      gradcam: {}
+      explainer: {checkpoint: checkpoints/explainer.ckpt}
+      mine: {factory: "path/to/file.py:make", ...}   # any (f, **options) -> object with .attribute
+    metrics: [deletion_auc, insertion_auc, miou]      # default: explainer.metrics.DEFAULT_METRICS
+    metric_options: {deletion_auc: {steps: 50}}
+    batch_size: 8            # images per data batch
+    method_batch_size: 16    # maps per attribute() call (default: all pairs of a batch)
+    max_batch: 128           # images per explanandum pass inside the metrics (memory bound)
+    num_workers: 0
+    device: auto             # auto | cpu | cuda | cuda:1
+    figure_images: 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from explainer import metrics as M
+from explainer.io import atomic_path, atomic_write_text
+
+KEYS = {"explanandum", "data", "datamodule", "split", "num_images", "seed", "target", "baseline", "methods",
+        "metrics", "metric_options", "batch_size", "method_batch_size", "max_batch", "num_workers", "device",
+        "figure_images"}
+TARGETS = ("groundtruth", "predicted")
+
+
+# ----------------------------------------------------------------------------------------------- config --
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read and validate an evaluation config; defaults filled in. ValueError names a bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: no such file {str(path)!r}")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config: {str(path)!r} must hold a mapping, got {type(cfg).__name__}")
+    return validate_config(cfg)
+
+
+def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg = dict(cfg)
+    unknown = set(cfg) - KEYS
+    if unknown:
+        raise ValueError(f"config: unknown key(s) {sorted(unknown)}; expected some of {sorted(KEYS)}")
+    if "data" in cfg and "datamodule" in cfg:
+        raise ValueError("config: give 'data' or 'datamodule', not both")
+    cfg["data"] = cfg.pop("datamodule", cfg.get("data"))
+    for key in ("explanandum", "data", "methods"):
+        if not cfg.get(key):
+            raise ValueError(f"config: {key!r} is required")
+    if not isinstance(cfg["data"], dict) or "class_path" not in cfg["data"]:
+        raise ValueError(f"config.data: expected {{class_path: ..., init_args: {{...}}}}, got {cfg['data']!r}")
+    if not isinstance(cfg["methods"], dict):
+        raise ValueError(f"config.methods: expected a mapping name -> options, got {cfg['methods']!r}")
+    for name, opts in cfg["methods"].items():
+        if opts is not None and not isinstance(opts, dict):
+            raise ValueError(f"config.methods.{name}: expected a mapping of options, got {opts!r}")
+    cfg["methods"] = {k: dict(v or {}) for k, v in cfg["methods"].items()}
+    cfg.setdefault("split", "test")
+    cfg.setdefault("num_images", None)
+    cfg.setdefault("seed", 0)
+    cfg.setdefault("target", "groundtruth")
+    cfg.setdefault("baseline", "mean")
+    cfg["metrics"] = list(cfg.get("metrics") or M.DEFAULT_METRICS)
+    cfg["metric_options"] = dict(cfg.get("metric_options") or {})
+    cfg.setdefault("batch_size", 8)
+    cfg.setdefault("method_batch_size", None)
+    cfg.setdefault("max_batch", 128)
+    cfg.setdefault("num_workers", 0)
+    cfg.setdefault("device", "auto")
+    cfg.setdefault("figure_images", 6)
+    if cfg["target"] not in TARGETS:
+        raise ValueError(f"config.target: expected one of {TARGETS}, got {cfg['target']!r}")
+    from explainer.masking import check_baseline
+
+    check_baseline(cfg["baseline"])
+    for key in ("batch_size", "max_batch"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"config.{key}: expected a positive int, got {cfg[key]!r}")
+    n = cfg["num_images"]
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"config.num_images: expected a positive int or null, got {n!r}")
+    M.MetricTracker(cfg["metrics"], cfg["metric_options"])  # unknown metric names / options: ValueError now
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"config.device: {name!r} requested but CUDA is not available")
+    return dev
+
+
+def build_explanandum(spec: Any):
+    """``spec`` a string for :func:`explainer.load_explanandum`, or a dict ``{spec: ..., **kwargs}``."""
+    from explainer import load_explanandum
+
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        if "spec" not in spec:
+            raise ValueError(f"config.explanandum: a mapping needs a 'spec' key, got {sorted(spec)}")
+        return load_explanandum(spec.pop("spec"), **spec)
+    return load_explanandum(str(spec))
+
+
+def _import(path: str):
+    from explainer.explanandum import _import_factory
+
+    if ":" in path:
+        return _import_factory(path)
+    mod, _, attr = path.rpartition(".")
+    if not mod:
+        raise ValueError(f"class_path: expected 'package.module.Class', got {path!r}")
+    import importlib
+
+    try:
+        obj = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"class_path: cannot import {path!r} ({err})") from err
+    return obj
+
+
+def build_dataset(data_cfg: dict, split: str, num_images: int | None, seed: int):
+    """The evaluated images: the split (no augmentation) of the datamodule, seeded subset of ``num_images``."""
+    from explainer.data.base import seeded_subset
+
+    cls = _import(data_cfg["class_path"])
+    dm = cls(**dict(data_cfg.get("init_args") or {}))
+    if hasattr(dm, "prepare_data"):
+        dm.prepare_data()
+    if not hasattr(dm, "dataset"):
+        raise ValueError(f"config.data: {data_cfg['class_path']} has no dataset(split) method "
+                         "(expected an explainer.data.ImageDataModule)")
+    ds = dm.dataset(split, train_transform=False)
+    return dm, seeded_subset(ds, num_images, seed)
+
+
+def check_method_options(methods: dict[str, dict]) -> None:
+    """Fail before any work: unknown method names, missing checkpoint files."""
+    for name, opts in methods.items():
+        for key, val in opts.items():
+            if key in ("checkpoint", "weights") or key.endswith("_checkpoint"):
+                if val is not None and not Path(str(val)).is_file():
+                    raise FileNotFoundError(f"config.methods.{name}.{key}: no such file {str(val)!r} "
+                                            "(train or download it first, or remove the method)")
+        if "factory" in opts:
+            continue
+        try:
+            from explainer import methods as registry
+        except ImportError as err:
+            raise ValueError(f"config.methods.{name}: explainer.methods cannot be imported ({err})") from err
+        if name not in registry.available():
+            raise ValueError(f"config.methods: unknown method {name!r}; available: {registry.available()}")
+
+
+def build_method(name: str, f, opts: dict) -> Any:
+    opts = dict(opts)
+    factory = opts.pop("factory", None)
+    if factory is not None:
+        return _import(str(factory))(f, **opts)
+    from explainer import methods as registry
+
+    return registry.get(name, f, **opts)
+
+
+# ---------------------------------------------------------------------------------------------- running --
+def make_pairs(f, x: torch.Tensor, labels: torch.Tensor, target: str, max_batch: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image_index, class)`` long (N,) each: every labelled class (groundtruth) or the top-1 (predicted)."""
+    if target == "predicted":
+        with torch.no_grad():
+            pred = torch.cat([f(x[i:i + max_batch]).argmax(1) for i in range(0, x.shape[0], max_batch)])
+        return torch.arange(x.shape[0], device=x.device), pred
+    nz = (labels > 0.5).nonzero()
+    return nz[:, 0].to(x.device), nz[:, 1].to(x.device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _attribute(method, x: torch.Tensor, t: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    chunk = chunk or max(1, x.shape[0])
+    outs = [method.attribute(x[i:i + chunk], t[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
+    maps = torch.cat(outs) if outs else x.new_zeros(0, 1, *x.shape[-2:])
+    return maps.detach().float()
+
+
+def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate every method; returns ``(results, figure)`` (results as written to results.json)."""
+    from tqdm.auto import tqdm
+
+    cfg = validate_config(cfg)
+    device = resolve_device(cfg["device"])
+    check_method_options(cfg["methods"])
+    f = build_explanandum(cfg["explanandum"]).to(device)
+    dm, ds = build_dataset(cfg["data"], cfg["split"], cfg["num_images"], cfg["seed"])
+    n_classes = getattr(dm, "num_classes", None)
+    if n_classes is not None and n_classes != f.num_classes:
+        raise ValueError(f"config: the explanandum predicts {f.num_classes} classes but the data has {n_classes}")
+    loader = DataLoader(ds, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg["num_workers"])
+    names = cfg["metrics"]
+    results: dict[str, Any] = {
+        "explanandum": str(cfg["explanandum"] if not isinstance(cfg["explanandum"], dict)
+                           else cfg["explanandum"]["spec"]),
+        "dataset": f"{type(dm).__name__}({getattr(dm, 'root', '')})",
+        "split": cfg["split"], "num_images": len(ds), "target": cfg["target"], "baseline": cfg["baseline"],
+        "device": str(device), "seed": cfg["seed"], "metric_specs": M.describe(names), "methods": {}}
+    figure: dict[str, Any] = {"images": [], "titles": [], "maps": {}, "class_names": list(f.class_names)}
+    for name, opts in cfg["methods"].items():
+        torch.manual_seed(cfg["seed"])
+        method = build_method(name, f, opts)
+        tracker = M.MetricTracker(names, cfg["metric_options"])
+        method_rand = None
+        if tracker.needs_random_maps:
+            f_rand = M.randomize_explanandum(f, **tracker.random_options())
+            method_rand = build_method(name, f_rand, opts)
+        seconds, n_img, n_maps = 0.0, 0, 0
+        first_method = not figure["maps"]
+        fig_maps: list[torch.Tensor] = []
+        for batch in tqdm(loader, desc=f"evaluate {name}", disable=not progress, leave=False):
+            x = batch["image"].to(device)
+            labels = batch["labels"].to(device)
+            img_idx, t = make_pairs(f, x, labels, cfg["target"], cfg["max_batch"])
+            xp = x[img_idx]
+            _sync(device)
+            t0 = time.perf_counter()
+            maps = _attribute(method, xp, t, cfg["method_batch_size"])
+            _sync(device)
+            seconds += time.perf_counter() - t0
+            n_img += x.shape[0]
+            n_maps += xp.shape[0]
+            rand_maps = _attribute(method_rand, xp, t, cfg["method_batch_size"]) if method_rand else None
+            gt = batch["mask"].to(device)[img_idx]
+            has = batch["has_mask"].to(device).bool()[img_idx]
+            tracker.update(M.PairBatch(f, xp, maps, t, img_idx + n_img - x.shape[0], gt, has, cfg["baseline"],
+                                       cfg["max_batch"], rand_maps))
+            # figure: the first map of each of the first images (the same images for every method)
+            for i in range(x.shape[0]):
+                if len(fig_maps) >= cfg["figure_images"]:
+                    break
+                sel = (img_idx == i).nonzero()
+                if not len(sel):
+                    continue
+                j = int(sel[0])
+                fig_maps.append(maps[j, 0].cpu())
+                if first_method:
+                    figure["images"].append(x[i].cpu())
+                    figure["titles"].append(f.class_names[int(t[j])])
+        figure["maps"][name] = fig_maps
+        values, skipped = tracker.compute()
+        entry: dict[str, Any] = {"seconds_per_image": seconds / max(n_img, 1),
+                                 "seconds_per_map": seconds / max(n_maps, 1), "num_maps": n_maps,
+                                 "options": opts, "metrics": values}
+        if skipped:
+            entry["skipped_metrics"] = skipped
+        results["methods"][name] = entry
+    return results, figure
+
+
+# ---------------------------------------------------------------------------------------------- writing --
+def _fmt(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.4g}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """A markdown report: settings, then one row per method (arrows give each metric's better direction)."""
+    specs = results.get("metric_specs", {})
+    names = list(specs) or sorted({k for m in results["methods"].values() for k in m["metrics"]})
+    arrow = {"higher": "↑", "lower": "↓"}
+    lines = [f"# Evaluation: {results['explanandum']}", "",
+             f"{results['dataset']}, split `{results['split']}`, {results['num_images']} images, target "
+             f"`{results['target']}`, baseline `{results['baseline']}`, device `{results['device']}`.", "",
+             "| method | s/image | " + " | ".join(f"{n} {arrow.get(specs.get(n, {}).get('direction'), '')}".strip()
+                                                for n in names) + " |",
+             "|---|---:|" + "---:|" * len(names)]
+    notes = []
+    for meth, entry in results["methods"].items():
+        row = [meth, _fmt(entry["seconds_per_image"])] + [_fmt(entry["metrics"].get(n)) for n in names]
+        lines.append("| " + " | ".join(row) + " |")
+        for n, why in entry.get("skipped_metrics", {}).items():
+            notes.append(f"- {meth}: `{n}` skipped: {why}")
+    if notes:
+        lines += ["", "Skipped (– in the table):", *notes]
+    lines += ["", "↑ higher is better, ↓ lower is better. Metric definitions: `explainer.metrics` "
+                  "(see metric_specs in results.json)."]
+    return "\n".join(lines) + "\n"
+
+
+def save_figure(figure: dict[str, Any], path: str | Path) -> Path | None:
+    """A grid PNG: one row per image, the image then each method's map overlaid (matplotlib, Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    imgs = figure["images"]
+    methods = list(figure["maps"])
+    if not imgs or not methods:
+        return None
+    rows, cols = len(imgs), 1 + len(methods)
+    fig = Figure(figsize=(1.8 * cols, 1.8 * rows + 0.3))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r, img in enumerate(imgs):
+        rgb = img.permute(1, 2, 0).clamp(0, 1).numpy()
+        axes[r, 0].imshow(rgb)
+        axes[r, 0].set_ylabel(figure["titles"][r], fontsize=7)
+        for c, meth in enumerate(methods, start=1):
+            ax = axes[r, c]
+            ax.imshow(rgb)
+            maps = figure["maps"][meth]
+            if r < len(maps):
+                m = maps[r]
+                m = (m - m.min()) / (m.max() - m.min()) if float(m.max() - m.min()) > 0 else torch.zeros_like(m)
+                ax.imshow(m.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    axes[0, 0].set_title("image", fontsize=8)
+    for c, meth in enumerate(methods, start=1):
+        axes[0, c].set_title(meth, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)
+
+
+def write_outputs(results: dict[str, Any], figure: dict[str, Any] | None, out: str | Path) -> dict[str, Path]:
+    """results.json at ``out``; ``.md`` and ``.png`` beside it (each written atomically)."""
+    out = Path(out)
+    paths = {"json": atomic_write_text(out, json.dumps(results, indent=2) + "\n"),
+             "md": atomic_write_text(out.with_suffix(".md"), markdown_table(results))}
+    if figure is not None:
+        png = save_figure(figure, out.with_suffix(".png"))
+        if png is not None:
+            paths["png"] = png
+    return paths
+
+
+def evaluate(config: str | Path | dict[str, Any], out: str | Path, progress: bool = True,
+             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the evaluation of ``config`` (a path or a dict) and write results.json / .md / .png at ``out``."""
+    cfg = load_config(config) if not isinstance(config, dict) else dict(config)
+    cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    results, figure = run(cfg, progress=progress)
+    write_outputs(results, figure, out)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m explainer evaluate --config CONFIG.yaml --out results.json [--num-images N] [--device D]``."""
+    p = argparse.ArgumentParser(prog="python -m explainer evaluate",
+                                description="Evaluate attribution methods with the papers' metrics.")
+    p.add_argument("--config", required=True, help="evaluation YAML (see explainer/evaluate.py)")
+    p.add_argument("--out", required=True, help="results.json path; results.md and results.png go beside it")
+    p.add_argument("--num-images", type=int, default=None, help="override num_images")
+    p.add_argument("--device", default=None, help="override device (auto | cpu | cuda)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    results = evaluate(a.config, a.out, progress=not a.no_progress,
+                       overrides={"num_images": a.num_images, "device": a.device})
+    print(markdown_table(results))
+    print(f"wrote {a.out}, {Path(a.out).with_suffix('.md')}, {Path(a.out).with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
