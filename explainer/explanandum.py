@@ -228,6 +228,7 @@ def _torchvision_model(name: str, weights: Any, num_classes: int | None):
 
 
 def _num_outputs(model: nn.Module, size: int = 64) -> int:
+    model.eval()  # a probe in train mode would move batch-norm statistics
     with torch.no_grad():
         out = model(torch.zeros(1, 3, size, size))
     if isinstance(out, (tuple, list)):
