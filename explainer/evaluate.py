@@ -254,9 +254,11 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
         "split": cfg["split"], "num_images": len(ds), "target": cfg["target"], "baseline": cfg["baseline"],
         "device": str(device), "seed": cfg["seed"], "metric_specs": M.describe(names), "methods": {}}
     figure: dict[str, Any] = {"images": [], "titles": [], "maps": {}, "class_names": list(f.class_names)}
+    # build every method first: a bad option fails before hours of work on the methods before it
+    built = {name: build_method(name, f, opts) for name, opts in cfg["methods"].items()}
     for name, opts in cfg["methods"].items():
         torch.manual_seed(cfg["seed"])
-        method = build_method(name, f, opts)
+        method = built[name]
         tracker = M.MetricTracker(names, cfg["metric_options"])
         method_rand = None
         if tracker.needs_random_maps:
