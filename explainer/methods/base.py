@@ -299,8 +299,9 @@ def trapezoid_weights(steps: int, device: torch.device | str | None = None,
                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Points ``alpha_k = k / steps`` (k = 0..steps) and trapezoid weights summing to 1.
 
-    ``int_0^1 g(a) da ~= sum_k w_k g(alpha_k)`` with ``w = [1/2, 1, ..., 1, 1/2] / steps`` -- the same rule
-    as Captum's ``method="riemann_trapezoid"`` with ``n_steps = steps + 1``.
+    ``int_0^1 g(a) da ~= sum_k w_k g(alpha_k)`` with ``w = [1/2, 1, ..., 1, 1/2] / steps``. (Captum's
+    ``method="riemann_trapezoid"`` uses the same points with ``n_steps = steps + 1`` but weights
+    ``1 / n_steps``, which sum to ``steps / (steps + 1)``.)
     """
     alphas = torch.linspace(0, 1, steps + 1, device=device, dtype=dtype)
     w = torch.full((steps + 1,), 1.0 / steps, device=device, dtype=dtype)
@@ -308,12 +309,19 @@ def trapezoid_weights(steps: int, device: torch.device | str | None = None,
     return alphas, w
 
 
-def minmax_normalize(m: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Per image and channel: ``(m - min) / (max - min)`` over the spatial dims (a constant map -> 0)."""
+def minmax_normalize(m: torch.Tensor, rel_eps: float = 1e-6) -> torch.Tensor:
+    """Per image and channel: ``(m - min) / (max - min)`` over the spatial dims.
+
+    A map whose range is below ``rel_eps`` of its magnitude (a constant map, such as the upsampled 1x1 map
+    of a late layer at a small input size) becomes 0 instead of amplified rounding noise.
+    """
     flat = m.flatten(2)
     lo = flat.min(dim=2, keepdim=True).values
     hi = flat.max(dim=2, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(m)
+    rng = hi - lo
+    flat_enough = rng <= rel_eps * torch.maximum(hi.abs(), lo.abs()) + 1e-30
+    out = (flat - lo) / torch.where(flat_enough, torch.ones_like(rng), rng)
+    return torch.where(flat_enough, torch.zeros_like(out), out).view_as(m)
 
 
 def upsample(m: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
