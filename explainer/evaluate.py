@@ -260,11 +260,18 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
         torch.manual_seed(cfg["seed"])
         method = built[name]
         tracker = M.MetricTracker(names, cfg["metric_options"])
-        method_rand = None
+        method_rand, pre_skipped = None, {}
         if tracker.needs_random_maps:
             f_rand = M.randomize_explanandum(f, **tracker.random_options())
-            method_rand = build_method(name, f_rand, opts)
-        seconds, n_img, n_maps = 0.0, 0, 0
+            try:
+                method_rand = build_method(name, f_rand, opts)
+            except (ValueError, RuntimeError, TypeError) as err:
+                # e.g. an amortized explainer bound to the trained classifier's weights
+                pre_skipped["randomization_spearman"] = f"the method cannot run on a randomised explanandum: {err}"
+                tracker = M.MetricTracker([n for n in names if n != "randomization_spearman"],
+                                          {k: v for k, v in cfg["metric_options"].items()
+                                           if k != "randomization_spearman"})
+        seconds, n_img, n_seen, n_maps = 0.0, 0, 0, 0
         first_method = not figure["maps"]
         fig_maps: list[torch.Tensor] = []
         for batch in tqdm(loader, desc=f"evaluate {name}", disable=not progress, leave=False):
@@ -277,12 +284,13 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
             maps = _attribute(method, xp, t, cfg["method_batch_size"])
             _sync(device)
             seconds += time.perf_counter() - t0
-            n_img += x.shape[0]
+            n_img += int(img_idx.unique().numel())  # images with at least one map
+            n_seen += x.shape[0]
             n_maps += xp.shape[0]
             rand_maps = _attribute(method_rand, xp, t, cfg["method_batch_size"]) if method_rand else None
             gt = batch["mask"].to(device)[img_idx]
             has = batch["has_mask"].to(device).bool()[img_idx]
-            tracker.update(M.PairBatch(f, xp, maps, t, img_idx + n_img - x.shape[0], gt, has, cfg["baseline"],
+            tracker.update(M.PairBatch(f, xp, maps, t, img_idx + n_seen - x.shape[0], gt, has, cfg["baseline"],
                                        cfg["max_batch"], rand_maps))
             # figure: the first map of each of the first images (the same images for every method)
             for i in range(x.shape[0]):
@@ -298,6 +306,7 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
                     figure["titles"].append(f.class_names[int(t[j])])
         figure["maps"][name] = fig_maps
         values, skipped = tracker.compute()
+        skipped.update(pre_skipped)
         entry: dict[str, Any] = {"seconds_per_image": seconds / max(n_img, 1),
                                  "seconds_per_map": seconds / max(n_maps, 1), "num_maps": n_maps,
                                  "options": opts, "metrics": values}

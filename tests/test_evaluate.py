@@ -40,6 +40,14 @@ STANDIN = textwrap.dedent('''
             yy = torch.arange(h).view(-1, 1) - h / 2
             xx = torch.arange(w).view(1, -1) - w / 2
             return (-(yy ** 2 + xx ** 2) / (h * w)).exp().expand(x.shape[0], 1, h, w).clone()
+
+    class Bound(InputGradient):
+        """Refuses any classifier but the one it was trained against (as an amortized explainer does)."""
+
+        def __init__(self, f, fingerprint):
+            if abs(float(sum(p.double().sum() for p in f.parameters())) - fingerprint) > 1e-6:
+                raise ValueError("trained against another classifier")
+            super().__init__(f)
 ''')
 
 
@@ -177,3 +185,15 @@ def test_evaluate_with_registered_methods(setup, tiny_voc, tmp_path):
     for entry in res["methods"].values():
         assert set(entry["metrics"]) == {"deletion_auc", "insertion_auc", "miou"}
     assert json.loads(out.read_text())["methods"].keys() == res["methods"].keys()
+
+
+def test_method_that_cannot_run_on_a_randomised_model(setup, tiny_voc):
+    d, ckpt = setup
+    f = explainer.load_explanandum(str(ckpt))
+    fp = float(sum(p.double().sum() for p in f.parameters()))
+    cfg = config(d, ckpt, tiny_voc, {"bound": {"factory": f"{d / 'standin.py'}:Bound", "fingerprint": fp}},
+                 metrics=["deletion_auc", "randomization_spearman"], num_images=2)
+    res, _ = E.run(cfg, progress=False)
+    entry = res["methods"]["bound"]
+    assert set(entry["metrics"]) == {"deletion_auc"}
+    assert "randomised explanandum" in entry["skipped_metrics"]["randomization_spearman"]
