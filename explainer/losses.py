@@ -5,6 +5,8 @@ Shapes: masks ``(B, K, H, W)`` in [0, 1]; logits ``(B, C)``; labels multi-hot ``
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -60,28 +62,100 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, multilabel: 
     return F.cross_entropy(logits.float(), labels.argmax(1))
 
 
-def counterfactual_loss(logits_masked: torch.Tensor, target, mode: str, multilabel: bool) -> torch.Tensor:
-    """LTX's ``D(f(x masked by m), target)``.
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
 
-    Modes: ``"kl"``: KL(p(x) || p(x masked)) with ``target`` the logits on
-    the unmasked image (sigmoid per class for multi-label models, summed over
-    classes); ``"predicted"``: CE/BCE to the predicted class(es) of ``target``
-    logits; ``"groundtruth"``: CE/BCE to the multi-hot labels ``target``.
+
+def counterfactual_loss(logits_masked: torch.Tensor, target, mode: str, multilabel: bool,
+                        reduction: str = "mean") -> torch.Tensor:
+    """LTX's ``D(f(x masked by m), target)`` (Barkan et al., 2023), per image then averaged.
+
+    Modes:
+
+    * ``"kl"``: ``KL(p(x) || p(x masked))`` with ``target`` the logits (B, C) on
+      the unmasked image (softmax for single-label models; for multi-label
+      models a Bernoulli KL per class with ``p = sigmoid``, summed over classes);
+    * ``"predicted"``: CE to the predicted class of the ``target`` logits
+      (single-label), BCE to the predicted classes ``target > 0`` (multi-label;
+      the top class when none is above 0.5);
+    * ``"groundtruth"``: CE/BCE to the multi-hot labels ``target`` (B, C).
+
+    For multi-label models the BCE is summed over classes (as the KL is), so
+    that one class's term weighs as much as a single-label CE does.
+
+    Args:
+        reduction: ``"mean"`` over images (a scalar) or ``"none"`` (B,).
     """
     lm = logits_masked.float()
     if mode == "kl":
         t = target.float().detach()
         if multilabel:
             p = torch.sigmoid(t)
-            return (F.binary_cross_entropy_with_logits(lm, p, reduction="none")
-                    - F.binary_cross_entropy_with_logits(t, p, reduction="none")).sum(1).mean()
-        return F.kl_div(F.log_softmax(lm, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
+            per = (F.binary_cross_entropy_with_logits(lm, p, reduction="none")
+                   - F.binary_cross_entropy_with_logits(t, p, reduction="none")).sum(1)
+        else:
+            per = F.kl_div(F.log_softmax(lm, 1), F.log_softmax(t, 1), log_target=True, reduction="none").sum(1)
+        return _reduce(per, reduction)
     if mode == "predicted":
         t = target.float().detach()
         hard = (t > 0).float() if multilabel else F.one_hot(t.argmax(1), t.shape[1]).float()
         if multilabel and (hard.sum(1) == 0).any():  # nothing above 0.5: the top class
             hard = torch.where(hard.sum(1, keepdim=True) == 0, F.one_hot(t.argmax(1), t.shape[1]).float(), hard)
-        return classification_loss(lm, hard, multilabel)
-    if mode == "groundtruth":
-        return classification_loss(lm, target, multilabel)
-    raise ValueError(f"target mode: expected 'kl', 'predicted' or 'groundtruth', got {mode!r}")
+        labels = hard
+    elif mode == "groundtruth":
+        labels = target.float()
+    else:
+        raise ValueError(f"target mode: expected 'kl', 'predicted' or 'groundtruth', got {mode!r}")
+    if multilabel:
+        per = F.binary_cross_entropy_with_logits(lm, labels, reduction="none").sum(1)
+    else:
+        per = F.cross_entropy(lm, labels.argmax(1), reduction="none")
+    return _reduce(per, reduction)
+
+
+def mask_sparsity(m: torch.Tensor, penalty: str = "mean", reduction: str = "mean") -> torch.Tensor:
+    """LTX's sparsity term ``R(m)``: the mean of the mask per image.
+
+    ``penalty="softplus"`` is the official code's variant, ``mean(softplus(m)) - log 2``
+    for ``m = sigmoid(z)``: a smooth L1 whose slope runs from 0.5 (m = 0) to
+    0.73 (m = 1), about 0.6 on average (the ``- log 2`` makes it 0 at m = 0 and
+    changes no gradient).
+
+    Args:
+        m: masks (B, K, H, W) in [0, 1].
+        reduction: ``"mean"`` over images or ``"none"`` (B,).
+    """
+    if penalty == "mean":
+        per = m.float().flatten(1).mean(1)
+    elif penalty == "softplus":
+        per = F.softplus(m.float()).flatten(1).mean(1) - math.log(2.0)
+    else:
+        raise ValueError(f"mask_penalty: expected 'mean' or 'softplus', got {penalty!r}")
+    return _reduce(per, reduction)
+
+
+def inverse_mask_loss(logits_inverse: torch.Tensor, targets: torch.Tensor, multilabel: bool,
+                      reduction: str = "mean") -> torch.Tensor:
+    """LTX's optional inverse-mask term: what remains outside the mask must not support the targets.
+
+    ``sum_{c in targets} -log(1 - p_c(x masked by 1 - m))`` per image, with
+    ``p`` the sigmoid (multi-label) or softmax (single-label) probability:
+    0 when the inverse-masked image gives the target classes no probability.
+    (The official code subtracts the masked-image CE instead, a term that is
+    unbounded below; this bounded form pushes the same way.)
+
+    Args:
+        logits_inverse: logits (B, C) on the inverse-masked images.
+        targets: multi-hot (B, C) target classes.
+    """
+    li = logits_inverse.float()
+    if multilabel:
+        nll = F.softplus(li)  # -log(1 - sigmoid(l))
+    else:
+        logp = F.log_softmax(li, 1)
+        nll = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
+    return _reduce((nll * targets.float()).sum(1), reduction)

@@ -2,5 +2,6 @@
 
 from explainer.modules.classifier import ClassifierModule
 from explainer.modules.explainer import AmortizedExplainerModule, ExplainerModule
+from explainer.modules.ltx import LTXModule
 
-__all__ = ["ClassifierModule", "AmortizedExplainerModule", "ExplainerModule"]
+__all__ = ["ClassifierModule", "AmortizedExplainerModule", "ExplainerModule", "LTXModule"]

@@ -1,0 +1,195 @@
+"""LTX's stage 2: per-instance finetuning of a pretrained explainer (Barkan et al., 2023).
+
+For each image, start from the pretrained explainer, take a fixed number of
+optimiser steps (AdamW, fresh state, constant lr; the official code: up to 25
+steps at lr 2e-3) on that image alone with the pretraining objective
+(:meth:`LTXModule.objective`) for the explained class, then emit the mask.
+No step is selected by labels or by an evaluation metric (the official code
+picks the step that scores best on the evaluation metric itself against the
+ground truth; this does not).
+
+:func:`finetune` runs every image of a batch at once: the explainer's
+parameters are stacked into one copy per image (leading dimension B), the
+network runs under ``torch.func.vmap`` + ``functional_call`` (each image
+through its own copy), the explanandum on the ordinary batch, and one AdamW
+steps all copies. This is exact: the loss is the *sum* of the per-image
+losses, so each copy's gradient is its own image's gradient, and AdamW's
+update is element-wise, so one optimiser over stacked tensors equals B
+independent optimisers. :func:`finetune_loop` is the plain reference (one
+deep copy and one optimiser per image), kept for tests and the benchmark.
+
+Batch norm and dropout: during finetuning the explainer network is in eval
+mode, so batch norm uses its (frozen) running statistics, its affine weights
+are finetuned, and dropout is off. This keeps an image's result independent
+of the other images in its batch (batch statistics of a one-image batch would
+also differ from pretraining) and makes vmap well defined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+from explainer.explanandum import check_images
+from explainer.modules.explainer import targets_to_index
+
+
+def check_module(module: Any) -> None:
+    if getattr(module, "kind", None) != "ltx" or not hasattr(module, "objective"):
+        kind = getattr(module, "kind", type(module).__name__)
+        raise TypeError(f"module: expected a pretrained LTX explainer (kind 'ltx', explainer.load of an LTX "
+                        f"checkpoint), got {kind!r}")
+
+
+def check_steps(steps: Any) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1 finetuning steps, got {steps!r} (the pretrained "
+                         "explainer without finetuning, pLTX, is module.explain(x, targets))")
+    return steps
+
+
+def check_lr(lr: Any) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr == float("inf"):
+        raise ValueError(f"lr: expected a learning rate > 0, got {lr!r}")
+    return float(lr)
+
+
+@contextlib.contextmanager
+def _finetuning(module) -> Iterator[None]:
+    """Explainer in eval mode (frozen BN statistics, no dropout), explanandum checks off; restored on exit."""
+    net, f = module.net, module.explanandum
+    was_training, old_validate = net.training, getattr(f, "validate", True)
+    net.eval()
+    f.validate = False  # the loop feeds masked images it built from checked inputs
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        net.train(was_training)
+        f.validate = old_validate
+
+
+def _prepare(module, x: torch.Tensor, targets: Any, mode: str | None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    check_module(module)
+    check_images(x)
+    mode = mode or module.hparams.target
+    if mode not in ("groundtruth", "predicted", "kl"):
+        raise ValueError(f"mode: expected 'groundtruth', 'predicted' or 'kl', got {mode!r}")
+    x = x.detach().to(module.device).clone()
+    if targets is None:
+        if mode == "groundtruth":
+            raise ValueError("targets: this explainer's target mode is 'groundtruth', so finetuning needs the class "
+                             "to explain (targets=...), or mode='predicted' to use the classifier's top-1")
+        with torch.no_grad():
+            t = module.explanandum(x).argmax(1)
+    else:
+        t = targets_to_index(targets, x.shape[0], module.num_classes, device=x.device)
+    return x, t, mode
+
+
+def _optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # foreach=False: the same arithmetic for stacked and per-image tensors
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
+
+
+def finetune(module, x: torch.Tensor, targets: Any = None, steps: int = 25, lr: float = 2e-3, *,
+             mode: str | None = None, weight_decay: float | None = None, batch_size: int = 16) -> torch.Tensor:
+    """LTX masks: ``steps`` AdamW steps per image from the pretrained explainer, all images at once.
+
+    Args:
+        module: a pretrained :class:`~explainer.modules.ltx.LTXModule` (left unchanged).
+        x: images (B, 3, H, W) RGB in [0, 1].
+        targets: the class to explain per image (int | list[int] | LongTensor (B,));
+            None: the classifier's top-1 (not allowed when the objective is
+            "groundtruth": the ground-truth class must be given).
+        steps: optimiser steps per image (>= 1).
+        lr: AdamW learning rate (constant; fresh optimiser state per image).
+        mode: objective target mode; None: the one the explainer was pretrained with.
+        weight_decay: AdamW weight decay; None: the pretraining value.
+        batch_size: images finetuned together (memory holds one explainer copy,
+            plus AdamW state, per image).
+
+    Returns:
+        masks (B, 1, H, W) in [0, 1] of the target classes, on ``x``'s device.
+    """
+    check_module(module)
+    steps, lr = check_steps(steps), check_lr(lr)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    check_images(x)
+    wd = module.hparams.weight_decay if weight_decay is None else float(weight_decay)
+    out = []
+    with _finetuning(module):
+        xd, t, mode = _prepare(module, x, targets, mode)
+        for i in range(0, xd.shape[0], batch_size):
+            out.append(_finetune_batch(module, xd[i:i + batch_size], t[i:i + batch_size], steps, lr, wd, mode))
+    return torch.cat(out).to(x.device)
+
+
+def _finetune_batch(module, x, t, steps, lr, wd, mode) -> torch.Tensor:
+    net, f = module.net, module.explanandum
+    B, size = x.shape[0], x.shape[-2:]
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    fixed = {n: p.detach() for n, p in net.named_parameters() if not p.requires_grad}
+    fixed.update(dict(net.named_buffers()))
+    stacked = {n: p.detach().unsqueeze(0).repeat(B, *([1] * p.dim())).requires_grad_(True)
+               for n, p in net.named_parameters() if p.requires_grad}
+    opt = _optimizer([stacked[n] for n in names], lr, wd)
+    k = module.mask_channel(t)
+    with torch.no_grad():
+        logits = f(x).float()
+        z_in = module.net_input(x)
+    onehot = F.one_hot(t, module.num_classes).float()
+
+    def one(params, zi, ki):
+        S = functional_call(net, (params, fixed), (zi.unsqueeze(0),))[0]  # (K, h, w)
+        return S.index_select(0, ki.reshape(1))
+
+    def logits_of(params):
+        return module.to_size(vmap(one)(params, z_in, k), size)  # (B, 1, H, W)
+
+    for _ in range(steps):
+        loss = module.objective(x, logits_of(stacked), onehot, logits, mode)["loss"].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return torch.sigmoid(logits_of(stacked)).float()
+
+
+def finetune_loop(module, x: torch.Tensor, targets: Any = None, steps: int = 25, lr: float = 2e-3, *,
+                  mode: str | None = None, weight_decay: float | None = None) -> torch.Tensor:
+    """The plain reference of :func:`finetune`: one deep copy of the explainer and one AdamW per image.
+
+    Same arguments and result as :func:`finetune` (up to floating-point rounding).
+    """
+    check_module(module)
+    steps, lr = check_steps(steps), check_lr(lr)
+    check_images(x)
+    wd = module.hparams.weight_decay if weight_decay is None else float(weight_decay)
+    f = module.explanandum
+    out = []
+    with _finetuning(module):
+        xd, t, mode = _prepare(module, x, targets, mode)
+        for i in range(xd.shape[0]):
+            xi, ti = xd[i:i + 1], t[i:i + 1]
+            net = copy.deepcopy(module.net).eval()
+            opt = _optimizer([p for p in net.parameters() if p.requires_grad], lr, wd)
+            k = int(module.mask_channel(ti))
+            with torch.no_grad():
+                logits = f(xi).float()
+            onehot = F.one_hot(ti, module.num_classes).float()
+            for _ in range(steps):
+                z = module.mask_logits(xi, net=net)[:, k:k + 1]
+                loss = module.objective(xi, z, onehot, logits, mode)["loss"].sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                out.append(torch.sigmoid(module.mask_logits(xi, net=net)[:, k:k + 1]).float())
+    return torch.cat(out).to(x.device)
