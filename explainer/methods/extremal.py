@@ -215,7 +215,7 @@ def extremal_perturbation(f: nn.Module, x: torch.Tensor, target: TargetLike = No
                           reward: str = "simple", max_iter: int = 800, lr: float = 0.01, momentum: float = 0.9,
                           lambda0: float = 300.0, lambda_growth: float = 1.0035, step: int | None = None,
                           sigma: float | None = None, num_levels: int = 8, max_blur: float | None = None,
-                          baseline: str = "blur", jitter: bool = True, init: float = 1.0,
+                          baseline: str = "blur", jitter: bool = True, init: float | torch.Tensor = 1.0,
                           batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
     """Extremal perturbation masks (B, K, H, W), one per image and requested area (see the module docstring).
 
@@ -228,7 +228,8 @@ def extremal_perturbation(f: nn.Module, x: torch.Tensor, target: TargetLike = No
             from 7, 21, 20 at 224 px); num_levels: blur pyramid levels (8).
         baseline: ``"blur"`` (the pyramid) or a fill of :mod:`explainer.masking` (``"mean"``, ``"black"``).
         jitter: flip the perturbed batch horizontally on every other iteration.
-        init: initial parameter value in [0, 1] (TorchRay: 1, the whole image kept).
+        init: initial parameter value in [0, 1] (TorchRay: 1, the whole image kept), or a warm start
+            (B, K, gh, gw) on the coarse grid (``SmoothMask(...).grid``).
         batch_size: images optimised together (default all); progress: a tqdm bar over iterations.
     """
     from explainer.explanandum import check_images, load_explanandum
@@ -239,7 +240,7 @@ def extremal_perturbation(f: nn.Module, x: torch.Tensor, target: TargetLike = No
     _check_choice(variant, VARIANTS, "variant")
     _check_choice(reward, REWARDS, "reward")
     max_iter = check_steps(max_iter, "max_iter")
-    if not 0.0 <= init <= 1.0:
+    if not isinstance(init, torch.Tensor) and not 0.0 <= init <= 1.0:
         raise ValueError(f"init: expected a value in [0, 1], got {init!r}")
     x = x.detach()
     t = resolve_targets(f, x, target)
@@ -254,7 +255,14 @@ def extremal_perturbation(f: nn.Module, x: torch.Tensor, target: TargetLike = No
             b = xb.shape[0]
             pert = Perturbation(xb, baseline, num_levels, d_blur if max_blur is None else max_blur,
                                 mean=f.mean.flatten())
-            p = torch.full((b * k, 1, *gen.grid), float(init), device=x.device, requires_grad=True)
+            if isinstance(init, torch.Tensor):
+                if init.shape != (x.shape[0], k, *gen.grid):
+                    raise ValueError(f"init: expected a warm start of shape {(x.shape[0], k, *gen.grid)}, "
+                                     f"got {tuple(init.shape)}")
+                p = init[s].detach().to(x.device, torch.float32).clamp(0, 1).reshape(b * k, 1, *gen.grid)
+                p.requires_grad_(True)
+            else:
+                p = torch.full((b * k, 1, *gen.grid), float(init), device=x.device, requires_grad=True)
             opt = torch.optim.SGD([p], lr=lr, momentum=momentum, dampening=momentum)
             lam = lambda0
             for it in progress_bar(range(max_iter), progress, "extremal perturbation"):
