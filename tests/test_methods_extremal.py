@@ -98,8 +98,12 @@ def slow_ep(f, x, target, area, variant, reward, iters, step, sigma, max_blur, i
         m = slow_mask(p, tables, size)
         flip = it % 2 == 0
         keep, drop = slow_perturb(levels, m), slow_perturb(levels, 1 - m)
-        score = {"preserve": lambda: r(keep, flip), "delete": lambda: -r(drop, flip),
-                 "dual": lambda: r(keep, flip) - r(drop, flip)}[variant]()
+        if variant == "preserve":
+            score = r(keep, flip)
+        elif variant == "delete":
+            score = -r(drop, flip)
+        else:
+            score = r(keep, flip) - r(drop, flip)
         energy = score - lam * ((m.flatten().sort().values - ref) ** 2).mean()
         opt.zero_grad()
         (-energy).backward()
