@@ -252,7 +252,8 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
                            else cfg["explanandum"]["spec"]),
         "dataset": f"{type(dm).__name__}({getattr(dm, 'root', '')})",
         "split": cfg["split"], "num_images": len(ds), "target": cfg["target"], "baseline": cfg["baseline"],
-        "device": str(device), "seed": cfg["seed"], "metric_specs": M.describe(names), "methods": {}}
+        "device": str(device), "seed": cfg["seed"], "metric_specs": M.describe(names),
+        "metric_options": cfg["metric_options"], "methods": {}}
     figure: dict[str, Any] = {"images": [], "titles": [], "maps": {}, "class_names": list(f.class_names)}
     # build every method first: a bad option fails before hours of work on the methods before it
     built = {name: build_method(name, f, opts) for name, opts in cfg["methods"].items()}
@@ -290,8 +291,11 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
             rand_maps = _attribute(method_rand, xp, t, cfg["method_batch_size"]) if method_rand else None
             gt = batch["mask"].to(device)[img_idx]
             has = batch["has_mask"].to(device).bool()[img_idx]
-            tracker.update(M.PairBatch(f, xp, maps, t, img_idx + n_seen - x.shape[0], gt, has, cfg["baseline"],
-                                       cfg["max_batch"], rand_maps))
+            try:
+                tracker.update(M.PairBatch(f, xp, maps, t, img_idx + n_seen - x.shape[0], gt, has, cfg["baseline"],
+                                           cfg["max_batch"], rand_maps))
+            except ValueError as err:
+                raise ValueError(f"method {name!r}: {err}") from err
             # figure: the first map of each of the first images (the same images for every method)
             for i in range(x.shape[0]):
                 if len(fig_maps) >= cfg["figure_images"]:

@@ -197,3 +197,13 @@ def test_method_that_cannot_run_on_a_randomised_model(setup, tiny_voc):
     entry = res["methods"]["bound"]
     assert set(entry["metrics"]) == {"deletion_auc"}
     assert "randomised explanandum" in entry["skipped_metrics"]["randomization_spearman"]
+
+
+def test_wrong_map_shape_names_the_method(setup, tiny_voc):
+    d, ckpt = setup
+    (d / "bad.py").write_text("import torch\n\nclass Small:\n    def __init__(self, f):\n        pass\n\n"
+                              "    def attribute(self, x, target):\n        return torch.rand(x.shape[0], 1, 7, 7)\n")
+    cfg = config(d, ckpt, tiny_voc, {"small": {"factory": f"{d / 'bad.py'}:Small"}}, metrics=["deletion_auc"],
+                 num_images=2)
+    with pytest.raises(ValueError, match="method 'small': maps: expected attribution maps of shape"):
+        E.run(cfg, progress=False)
