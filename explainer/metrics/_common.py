@@ -18,29 +18,44 @@ Target = int | Sequence[int] | torch.Tensor | None
 SCORES = ("probability", "logit", "accuracy")
 
 
-def check_images_maps(x: torch.Tensor, maps: torch.Tensor, name: str = "maps") -> torch.Tensor:
-    """Validate ``x`` (N, 3, H, W) and return ``maps`` as float (N, 1, H, W).
+def check_maps(maps: torch.Tensor, n: int, h: int, w: int, name: str = "maps",
+               device: torch.device | None = None) -> torch.Tensor:
+    """``maps`` as float (n, 1, h, w) on ``device``.
 
     Raises:
-        ValueError: ``maps`` is not (N, 1, H, W) or (N, H, W) with the images'
-            N, H, W, or it holds NaN or infinite values.
+        ValueError: ``maps`` is not (n, 1, h, w) or (n, h, w), or it holds NaN
+            or infinite values.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x: expected images of shape (N, 3, H, W), got {shape}")
     if not isinstance(maps, torch.Tensor):
-        raise ValueError(f"{name}: expected a tensor of shape (N, 1, H, W), got {type(maps).__name__}")
+        raise ValueError(f"{name}: expected a tensor of shape ({n}, 1, {h}, {w}), got {type(maps).__name__}")
     if maps.dim() == 3:
         maps = maps.unsqueeze(1)
-    n, _, h, w = x.shape
     if maps.dim() != 4 or maps.shape[1] != 1 or maps.shape[0] != n or tuple(maps.shape[-2:]) != (h, w):
-        raise ValueError(f"{name}: expected attribution maps of shape ({n}, 1, {h}, {w}) matching the images "
-                         f"{tuple(x.shape)}, got {tuple(maps.shape)} (upsample maps to the image size first)")
-    maps = maps.detach().to(device=x.device, dtype=torch.float32 if not maps.is_floating_point() else maps.dtype)
+        raise ValueError(f"{name}: expected attribution maps of shape ({n}, 1, {h}, {w}) matching the images, "
+                         f"got {tuple(maps.shape)} (upsample maps to the image size first)")
+    maps = maps.detach()
+    maps = maps.to(device=device if device is not None else maps.device,
+                   dtype=maps.dtype if maps.is_floating_point() else torch.float32)
     if not torch.isfinite(maps).all():
         bad = int((~torch.isfinite(maps)).flatten(1).any(1).sum())
         raise ValueError(f"{name}: {bad} of {n} attribution maps contain NaN or infinite values")
     return maps
+
+
+def check_images_maps(x: torch.Tensor, maps: torch.Tensor, name: str = "maps") -> torch.Tensor:
+    """Validate images ``x`` (N, 3, H, W) and return ``maps`` as float (N, 1, H, W) on ``x``'s device."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected images of shape (N, 3, H, W), got {shape}")
+    n, _, h, w = x.shape
+    return check_maps(maps, n, h, w, name, x.device)
+
+
+def _shape_of(maps: torch.Tensor, name: str = "maps") -> tuple[int, int, int]:
+    if not isinstance(maps, torch.Tensor) or maps.dim() not in (3, 4):
+        shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
+        raise ValueError(f"{name}: expected attribution maps of shape (N, 1, H, W), got {shape}")
+    return maps.shape[0], maps.shape[-2], maps.shape[-1]
 
 
 def resolve_target(f, x: torch.Tensor, target: Target, max_batch: int = 256) -> torch.Tensor:

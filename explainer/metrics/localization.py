@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
-from explainer.metrics._common import Target, check_images_maps, minmax
+from explainer.metrics._common import Target, _shape_of, check_maps, minmax
 
 VOID = 255
 FIXED_F1_THRESHOLDS = (0.25, 0.5, 0.75)  # the Explainer paper's discrete F1
@@ -67,7 +67,7 @@ def pointing_game(maps: torch.Tensor, gt: torch.Tensor, target: Target, *,
         ``(hit, valid)``: bool (N,) each; ``valid`` is False where the mask
         has no pixel of the class (not evaluated).
     """
-    maps = check_images_maps(maps.new_zeros(maps.shape[0], 3, *maps.shape[-2:]), maps)
+    maps = check_maps(maps, *_shape_of(maps))
     gt, t = _check_gt(maps, gt, target)
     fg, _ = foreground(gt, t)
     n, _, h, w = maps.shape
@@ -161,7 +161,7 @@ def segmentation_stats(maps: torch.Tensor, gt: torch.Tensor, target: Target, *, 
       of the soft map against the foreground (torchmetrics), NaN where the
       non-void pixels are all foreground (undefined).
     """
-    maps = check_images_maps(maps.new_zeros(maps.shape[0], 3, *maps.shape[-2:]), maps)
+    maps = check_maps(maps, *_shape_of(maps))
     gt, t = _check_gt(maps, gt, target)
     fg, known = foreground(gt, t)
     valid = fg.flatten(1).any(1)

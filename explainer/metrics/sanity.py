@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchmetrics.functional import spearman_corrcoef
 
-from explainer.metrics._common import Target, check_images_maps
+from explainer.metrics._common import Target, _shape_of, check_maps
 
 
 def _param_modules(model: nn.Module) -> list[nn.Module]:
@@ -70,8 +70,8 @@ def rank_correlation(maps_a: torch.Tensor, maps_b: torch.Tensor, absolute: bool 
     """
     if maps_a.shape != maps_b.shape:
         raise ValueError(f"maps_b: expected the shape of maps_a {tuple(maps_a.shape)}, got {tuple(maps_b.shape)}")
-    a = check_images_maps(maps_a.new_zeros(maps_a.shape[0], 3, *maps_a.shape[-2:]), maps_a, "maps_a")
-    b = check_images_maps(maps_a.new_zeros(maps_a.shape[0], 3, *maps_a.shape[-2:]), maps_b, "maps_b")
+    a = check_maps(maps_a, *_shape_of(maps_a, "maps_a"), "maps_a")
+    b = check_maps(maps_b, *_shape_of(maps_a, "maps_a"), "maps_b")
     a, b = a.flatten(1).double(), b.flatten(1).double()
     if absolute:
         a, b = a.abs(), b.abs()
