@@ -193,3 +193,129 @@ def finetune_loop(module, x: torch.Tensor, targets: Any = None, steps: int = 25,
             with torch.no_grad():
                 out.append(torch.sigmoid(module.mask_logits(xi, net=net)[:, k:k + 1]).float())
     return torch.cat(out).to(x.device)
+
+
+# ------------------------------------------------------------------------------------------ command line --
+class FinetunedExplainer:
+    """What :func:`explainer.inference.explain_files` needs, with LTX masks: ``explain(x) -> (B, C, H, W)``.
+
+    The channels of each image's ``top_k`` classes (by the classifier's
+    probability, the classes ``explain_files`` writes) hold finetuned masks,
+    one finetuning run per rank; the other channels are zero.
+    """
+
+    def __init__(self, module, top_k: int = 1, steps: int = 25, lr: float = 2e-3, batch_size: int = 16,
+                 mode: str | None = None):
+        check_module(module)
+        self.module, self.top_k, self.steps, self.lr = module, top_k, check_steps(steps), check_lr(lr)
+        self.batch_size, self.mode = batch_size, mode
+        self.explanandum = module.explanandum
+        self.input_size = getattr(module, "input_size", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    def explain(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.explanandum
+        with torch.no_grad():
+            probs = f.probabilities(f(x.to(self.device)))
+        k = max(1, min(self.top_k, f.num_classes))
+        top = probs.topk(k, dim=1).indices.to(x.device)
+        masks = torch.zeros(x.shape[0], f.num_classes, *x.shape[-2:], device=x.device)
+        for j in range(k):
+            m = finetune(self.module, x, top[:, j], steps=self.steps, lr=self.lr, mode=self.mode,
+                         batch_size=self.batch_size)
+            masks.scatter_(1, top[:, j].view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:]), m)
+        return masks
+
+
+def split_images(voc_root: str, split: str) -> list:
+    """JPEGImages of a VOC-style tree's ``ImageSets/Main/<split>.txt`` (the synthetic benchmark is one)."""
+    from pathlib import Path
+
+    from explainer.data.voc import find_voc_root
+
+    root = find_voc_root(voc_root)
+    listing = root / "ImageSets" / "Main" / f"{split}.txt"
+    if not listing.is_file():
+        raise FileNotFoundError(f"split: {str(listing)!r} does not exist (expected ImageSets/Main/{split}.txt)")
+    ids = [ln.split()[0] for ln in listing.read_text().splitlines() if ln.strip()]
+    return [Path(root) / "JPEGImages" / f"{i}.jpg" for i in ids]
+
+
+CLI_DEFAULTS = {"checkpoint": None, "images": None, "voc_root": None, "split": "test", "limit": None, "steps": 25,
+                "lr": 2e-3, "mode": None, "top_k": 1, "batch_size": 16, "size": None, "out": None, "device": "cpu",
+                "explanandum": None, "progress": True}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python finetune.py --config CONFIG.yaml [--key value ...]``: LTX masks written like the explain CLI.
+
+    Keys (YAML or flags): checkpoint (an LTX .ckpt or export), images (a file or
+    folder) or voc_root + split (+ limit: the first N of the split), steps, lr,
+    mode, top_k (classes per image, each finetuned), batch_size, size (the
+    resolution fed to the explainer; default its trained size), out, device,
+    explanandum (override the recorded classifier). Writes
+    ``<stem>_<class>_mask.png``, ``_overlay.png``, ``explanations.json`` and
+    ``finetune.json`` (the settings and the seconds per image).
+    """
+    import argparse
+    import json
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    from explainer.amortized import load
+    from explainer.inference import explain_files, list_images
+    from explainer.io import atomic_write_text
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    cfg = dict(CLI_DEFAULTS)
+    if known.config is not None:
+        path = Path(known.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config: no such file {str(path)!r}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config: {str(path)!r} must hold a mapping of settings")
+        unknown = sorted(set(loaded) - set(CLI_DEFAULTS))
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown} in {str(path)!r}; expected {sorted(CLI_DEFAULTS)}")
+        cfg.update(loaded)
+    p = argparse.ArgumentParser(prog="python finetune.py", description="LTX per-instance finetuning: masks of a "
+                                "pretrained LTX explainer finetuned on each image (settings: a YAML --config).")
+    p.add_argument("--config", default=None, help="YAML file of the settings below")
+    for key, default in CLI_DEFAULTS.items():
+        kind = {"steps": int, "top_k": int, "batch_size": int, "limit": int, "size": int, "lr": float}.get(key, str)
+        if key == "progress":
+            p.add_argument("--progress", type=lambda s: str(s).lower() in ("1", "true", "yes"), default=default)
+        else:
+            p.add_argument(f"--{key}", type=kind, default=default)
+    p.set_defaults(**cfg)
+    a = p.parse_args(argv)
+    if a.checkpoint is None or a.out is None:
+        p.error("checkpoint and out are required (in the config or as --checkpoint/--out)")
+    if (a.images is None) == (a.voc_root is None):
+        p.error("give exactly one of images (a file or folder) or voc_root (+ split)")
+    module = load(a.checkpoint, explanandum=a.explanandum, map_location=a.device)
+    if module.kind != "ltx":
+        raise ValueError(f"checkpoint: {a.checkpoint!r} holds a {module.kind!r} explainer, expected 'ltx' (an "
+                         "Explainer checkpoint has nothing to finetune; use python -m explainer explain)")
+    files = list_images(a.images) if a.images is not None else split_images(a.voc_root, a.split)
+    if a.limit is not None:
+        files = files[:int(a.limit)]
+    wrapped = FinetunedExplainer(module, top_k=a.top_k, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
+                                 mode=a.mode)
+    t0 = time.perf_counter()
+    explain_files(wrapped, files, a.out, top_k=a.top_k, batch_size=a.batch_size, size=a.size, progress=a.progress)
+    seconds = time.perf_counter() - t0
+    settings = {k: getattr(a, k) for k in CLI_DEFAULTS}
+    settings.update({"num_images": len(files), "seconds_per_image": seconds / max(1, len(files)),
+                     "baseline": module.hparams.baseline, "target_mode": a.mode or module.hparams.target})
+    atomic_write_text(Path(a.out) / "finetune.json", json.dumps(settings, indent=1))
+    print(f"wrote LTX masks ({a.steps} steps) of {len(files)} image(s) to {a.out}")
+    return 0

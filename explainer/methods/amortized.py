@@ -1,4 +1,4 @@
-"""The amortized explainers behind the methods interface: "explainer" (and "ltx", registered by LTX).
+"""The amortized explainers behind the methods interface: "explainer", "ltx" (finetuned) and "pltx".
 
 ``get("explainer", f, checkpoint=PATH).attribute(x, target)`` gives the trained
 Explainer's mask of ``target`` (one forward pass; None: the predicted top-1).
@@ -45,3 +45,58 @@ class ExplainerMethod(AmortizedMethod):
 
     name = "explainer"
     kind = "explainer"
+
+
+@register("ltx")
+class LTXMethod(AmortizedMethod):
+    """LTX (Barkan et al., 2023): the pretrained explainer finetuned on each image, then its mask of ``target``.
+
+    ``steps`` AdamW steps per image at ``lr`` (official: up to 25 at 2e-3),
+    batched over the images (:func:`explainer.finetune.finetune`); the number of
+    steps is fixed, never chosen by labels or metrics. ``pretrained_only=True``
+    (or the registered name ``"pltx"``) skips finetuning: pLTX, the pretrained
+    explainer's mask from one forward pass.
+
+    Args:
+        checkpoint: an LTX checkpoint (kind "ltx"); another kind is an error.
+        steps: finetuning steps per image (>= 1).
+        lr: finetuning learning rate.
+        mode: objective target mode; None: the pretraining one. The target
+            class is always the one explained (``target``).
+        pretrained_only: pLTX, no finetuning (``steps`` unused).
+        batch_size: images finetuned (or explained) together.
+    """
+
+    name = "ltx"
+    kind = "ltx"
+
+    def __init__(self, f: Any = None, *, checkpoint: str, steps: int = 25, lr: float = 2e-3,
+                 mode: str | None = None, pretrained_only: bool = False, batch_size: int = 16, **options: Any):
+        from explainer.finetune import check_lr, check_steps
+
+        self.pretrained_only = bool(pretrained_only)
+        self.steps = None if self.pretrained_only else check_steps(steps)
+        self.lr = check_lr(lr)
+        self.mode = mode
+        super().__init__(f, checkpoint=checkpoint, batch_size=batch_size, **options)
+
+    def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.pretrained_only:
+            return super()._attribute(x, target)
+        from explainer.finetune import finetune
+
+        self.module.to(x.device)
+        return finetune(self.module, x, target, steps=self.steps, lr=self.lr, mode=self.mode,
+                        batch_size=self.batch_size)
+
+
+@register("pltx")
+class PLTXMethod(LTXMethod):
+    """pLTX: the pretrained LTX explainer without per-image finetuning (``get("ltx", pretrained_only=True)``)."""
+
+    name = "pltx"
+
+    def __init__(self, f: Any = None, *, checkpoint: str, **options: Any):
+        options.pop("steps", None)
+        options["pretrained_only"] = True
+        super().__init__(f, checkpoint=checkpoint, **options)

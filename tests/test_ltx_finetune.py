@@ -1,0 +1,106 @@
+"""LTX per-instance finetuning: batched (vmap over explainer copies) == the plain per-image loop; errors."""
+
+import pytest
+import torch
+
+import explainer
+from explainer.finetune import finetune, finetune_loop
+from explainer.modules.ltx import LTXModule
+
+SMP_TINY = dict(network="smp", encoder="tu-explainer_resnet_tiny",
+                decoder_kwargs={"decoder_channels": [16, 16, 8, 8, 8]})
+
+
+@pytest.fixture(scope="module")
+def vit(request):
+    """The tiny ViT of conftest; built directly if ``load_explanandum``'s 64 px output probe rejects it."""
+    try:
+        return request.getfixturevalue("tiny_vit")
+    except AssertionError:
+        import timm
+
+        torch.manual_seed(0)
+        m = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=32, patch_size=8, depth=2,
+                              embed_dim=48, num_heads=3)
+        return explainer.Explanandum(m, 4, class_names=[f"c{i}" for i in range(4)])
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("which", ["cnn-backbone", "cnn-smp", "vit-backbone", "vit-agnostic-kl"])
+def test_batched_equals_loop_and_leaves_module_unchanged(which, tiny_cnn, vit):
+    f, kw, size = {"cnn-backbone": (tiny_cnn, {}, 64), "cnn-smp": (tiny_cnn, SMP_TINY, 32),
+                   "vit-backbone": (vit, {"lambda_inverse": 1.0}, 32),
+                   "vit-agnostic-kl": (vit, {"class_agnostic": True, "target": "kl"}, 32)}[which]
+    torch.manual_seed(0)
+    m = LTXModule(f, **kw, lambda_mask=5.0)
+    m.train()  # finetuning must switch the explainer to eval (BN statistics frozen) and back
+    x = torch.rand(3, 3, size, size)
+    t = torch.tensor([2, 0, 3])
+    before, f_before = _state(m.net), _state(m.explanandum)
+    pre = m.explain(x, t)
+    m.train()
+    batched = finetune(m, x, t, steps=3, lr=1e-2)
+    loop = finetune_loop(m, x, t, steps=3, lr=1e-2)
+    assert batched.shape == (3, 1, size, size)
+    assert torch.allclose(batched, loop, atol=2e-4), (batched - loop).abs().max()
+    assert (batched - pre).abs().max() > 1e-3  # the steps did something
+    # the pretrained explainer and the explanandum are untouched, and the explainer is back in train mode
+    assert all(torch.equal(v, before[k]) for k, v in m.net.state_dict().items())
+    assert all(torch.equal(v, f_before[k]) for k, v in m.explanandum.state_dict().items())
+    assert m.net.training and not m.explanandum.training
+
+
+def test_images_are_independent_of_their_batch(tiny_cnn):
+    """Chunking (batch_size) and the other images in a batch do not change an image's mask."""
+    torch.manual_seed(0)
+    m = LTXModule(tiny_cnn, **SMP_TINY)
+    x = torch.rand(3, 3, 32, 32)
+    a = finetune(m, x, [1, 2, 3], steps=2, batch_size=3)
+    b = finetune(m, x, [1, 2, 3], steps=2, batch_size=1)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(finetune(m, x[1:2], 2, steps=2), a[1:2], atol=1e-5)
+
+
+def test_targets_none_is_the_predicted_class(tiny_cnn):
+    torch.manual_seed(0)
+    m = LTXModule(tiny_cnn, **SMP_TINY, target="predicted")
+    x = torch.rand(2, 3, 32, 32)
+    top = tiny_cnn(x).argmax(1)
+    assert torch.allclose(finetune(m, x, None, steps=1), finetune(m, x, top, steps=1), atol=1e-6)
+
+
+def test_finetune_inside_inference_mode(tiny_cnn):
+    m = LTXModule(tiny_cnn, **SMP_TINY)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        out = finetune(m, x, 0, steps=1)
+    assert out.shape == (1, 1, 32, 32)
+
+
+def test_finetune_errors(tiny_cnn):
+    m = LTXModule(tiny_cnn, **SMP_TINY)
+    x = torch.rand(2, 3, 32, 32)
+    for bad in (0, -1, 2.5, True, None):
+        with pytest.raises(ValueError, match="steps"):
+            finetune(m, x, 0, steps=bad)
+        with pytest.raises(ValueError, match="steps"):
+            finetune_loop(m, x, 0, steps=bad)
+    with pytest.raises(ValueError, match="lr"):
+        finetune(m, x, 0, steps=1, lr=0)
+    with pytest.raises(ValueError, match="RGB"):
+        finetune(m, torch.rand(2, 1, 32, 32), 0, steps=1)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        finetune(m, x * 255, 0, steps=1)
+    with pytest.raises(TypeError, match="floating"):
+        finetune(m, (x * 255).to(torch.uint8), 0, steps=1)
+    with pytest.raises(ValueError, match="targets"):
+        finetune(m, x, None, steps=1)  # "groundtruth" objective: the class must be given
+    with pytest.raises(ValueError, match="targets"):
+        finetune(m, x, [0, 9], steps=1)
+    with pytest.raises(ValueError, match="mode"):
+        finetune(m, x, 0, steps=1, mode="soft")
+    with pytest.raises(TypeError, match="LTX"):
+        finetune(torch.nn.Linear(2, 2), x, 0, steps=1)
