@@ -146,16 +146,53 @@ def test_bad_images_are_refused(tiny_cnn, images):
 def test_default_layers_per_architecture(tiny_cnn):
     assert default_layers(tiny_cnn.model) == ("layer4", "layer3")
 
-    class VGGish(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3),
-                                          nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.ReLU(),
-                                          nn.Conv2d(4, 4, 3), nn.ReLU())
-
     assert default_layers(VGGish()) == ("features.8", "features.3")
     with pytest.raises(ValueError, match="no default layer"):
         default_layers(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)))
+
+
+class VGGish(nn.Module):
+    """VGG's layout: ``features`` (convs, in-place ReLUs, max-pools), average pool, linear classifier."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                      nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                      nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(inplace=True),
+                                      nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+def test_vgg_like_network_with_inplace_relus(images):
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    f = hand_explanandum(VGGish())
+    assert default_layers(f.model) == ("features.8", "features.3")
+    maps = M.get("gradcam", f).attribute(images, 1)
+    ref = LayerGradCam(f, f.model.features[8]).attribute(images, target=1, relu_attributions=True)
+    assert torch.allclose(maps, LayerAttribution.interpolate(ref, (32, 32), "bilinear"), atol=1e-6)
+    # the captured conv output is not overwritten by the in-place ReLU after it (Grad-CAM++ reads it)
+    x = images.clone().requires_grad_(True)
+    a = f.model.features[:9](x)
+    g = torch.autograd.grad(f.model.classifier(f.model.pool(a.relu()).flatten(1))[:, 1].sum(), a)[0]
+    from explainer.methods.cam import gradcam_pp_map
+
+    want = F.interpolate(gradcam_pp_map(a.detach(), g), size=(32, 32), mode="bilinear", align_corners=False)
+    assert torch.allclose(M.get("gradcam++", f).attribute(images, 1), want, atol=1e-6)
+    for name in ("dix", "iia"):
+        out = M.get(name, f, steps=2).attribute(images, 1)
+        assert out.shape == (2, 1, 32, 32) and torch.isfinite(out).all() and out.amax() == 1
+
+
+def test_a_layer_inside_a_residual_branch_is_refused_clearly(tiny_cnn, images):
+    with pytest.raises(RuntimeError, match="alone feeds the rest of the network"):
+        M.get("iia", tiny_cnn, layers=["layer4.0.conv1"], steps=2).attribute(images)
+    assert no_hooks_left(tiny_cnn.model)
 
 
 def test_unknown_layer_name_lists_candidates(tiny_cnn):

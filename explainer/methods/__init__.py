@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+from explainer.methods import cam, dix, extremal, gradient, iia, inr_extremal, perturbation
 from explainer.methods.base import (
     Method,
     available,
@@ -27,7 +28,6 @@ from explainer.methods.base import (
     register,
     resolve_targets,
 )
-from explainer.methods import cam, dix, extremal, gradient, iia, inr_extremal, perturbation  # noqa: E402,I001
 from explainer.methods.extremal import achieved_area, extremal_perturbation
 from explainer.methods.inr_extremal import multiple_masks
 

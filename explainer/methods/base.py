@@ -133,16 +133,13 @@ def find_layer(model: nn.Module, name: str, what: str = "layer") -> nn.Module:
 
 
 def _normalise_path(model: nn.Module, name: str) -> str:
-    """Resolve negative indices in a dotted path: ``blocks.-1`` -> ``blocks.11``."""
-    parts, mod, out = name.split("."), model, []
-    for p in parts:
-        if p.lstrip("-").isdigit() and p.startswith("-") and isinstance(mod, (nn.Sequential, nn.ModuleList)):
+    """Resolve negative indices in a dotted path: ``blocks.-1`` -> ``blocks.11`` (unknown paths unchanged)."""
+    mod, out = model, []
+    for p in name.split("."):
+        if p.startswith("-") and p[1:].isdigit() and isinstance(mod, (nn.Sequential, nn.ModuleList)):
             p = str(len(mod) + int(p))
+        mod = mod._modules.get(p) if mod is not None else None
         out.append(p)
-        mod = getattr(mod, p, None) if not p.isdigit() else (mod[int(p)] if isinstance(
-            mod, (nn.Sequential, nn.ModuleList)) and int(p) < len(mod) else getattr(mod, p, None))
-        if mod is None:
-            return name
     return ".".join(out)
 
 
@@ -156,7 +153,8 @@ def is_vit(model: nn.Module) -> bool:
 def default_layers(model: nn.Module) -> tuple[str, str]:
     """``(last, previous)`` layer names for common architectures.
 
-    ResNet-like (``layer4``): ``("layer4", "layer3")``; timm stage models (``stages``): the last two stages;
+    ResNet-like (``layer4``): ``("layer4", "layer3")``; timm stage models (``stages``, or ``blocks`` of a
+    CNN such as EfficientNet): the last two stages;
     ``features`` CNNs (VGG, DenseNet, torchvision ConvNeXt/EfficientNet): the last convolution and the last
     convolution before the final down-sampling; timm ViT: ``blocks.<N-1>.norm1`` and ``blocks.<N-2>.norm1``
     (the input of the last blocks: the class token alone feeds the head, so the last block's patch tokens
@@ -171,6 +169,9 @@ def default_layers(model: nn.Module) -> tuple[str, str]:
     if is_vit(model):
         n = len(model.blocks)
         return f"blocks.{n - 1}.norm1", f"blocks.{max(n - 2, 0)}.norm1"
+    blocks = names.get("blocks")  # timm EfficientNet / MobileNet: a Sequential of stages
+    if isinstance(blocks, nn.Sequential) and len(blocks) >= 2:
+        return f"blocks.{len(blocks) - 1}", f"blocks.{len(blocks) - 2}"
     feats = names.get("features")
     if isinstance(feats, nn.Module):
         convs = [n for n, m in feats.named_modules() if isinstance(m, nn.Conv2d)]
@@ -262,6 +263,19 @@ def replace_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]
 
     with forward_hooks([(module, hook)]):
         yield
+
+
+def run_expanded(f: nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:
+    """``f(x)`` while forward hooks expand a layer's output into path points; a shape error then most likely
+    means the layer's output does not alone feed the rest of the network, which is said."""
+    try:
+        return f(x)
+    except RuntimeError as err:
+        if "size" not in str(err) and "shape" not in str(err):
+            raise
+        raise RuntimeError(f"{where}: expanding the layer's output into path points failed ({err}); these methods "
+                           "need layers whose output alone feeds the rest of the network (ResNet stages, VGG "
+                           "features, ViT blocks), not a module inside a residual branch") from err
 
 
 @contextlib.contextmanager
@@ -378,8 +392,6 @@ class Method:
     """
 
     name: ClassVar[str] = ""
-    #: whether results depend on ``seed`` (random masks, random initialisation)
-    stochastic: ClassVar[bool] = False
 
     def __init__(self, f: nn.Module | str, *, internal_batch_size: int = 64, progress: bool = False,
                  seed: int = 0):

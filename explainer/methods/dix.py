@@ -43,6 +43,7 @@ from explainer.methods.base import (
     no_validation,
     progress_bar,
     register,
+    run_expanded,
     target_scores,
     upsample,
 )
@@ -63,12 +64,12 @@ def path_gradients(f: nn.Module, module: nn.Module, x: torch.Tensor, target: tor
     def hook(_m, _i, u):
         u = u.detach()
         r = u if degenerate else layer_reference(u, "channel_min")
-        v = _expand_path(u, r, alphas).requires_grad_(True)
+        v = _expand_path(u, r, alphas).contiguous().requires_grad_(True)
         keep["v"], keep["r"] = v, r
-        return v
+        return v.clone()  # downstream in-place ops (ReLU(inplace=True)) must not touch the leaf
 
     with forward_hooks([(module, hook)]):
-        logits = f(x)
+        logits = run_expanded(f, x, "layer")
     v = keep["v"]
     (g,) = torch.autograd.grad(target_scores(logits, target.repeat_interleave(p)).sum(), v)
     shape = (x.shape[0], p, *v.shape[1:])

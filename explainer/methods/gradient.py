@@ -51,7 +51,7 @@ class Saliency(Method):
         from captum.attr import Saliency as _Saliency
 
         with no_validation(self.f):
-            attr = _Saliency(self.f).attribute(x, target=target, abs=self.aggregate != "sum")
+            attr = _Saliency(self.f).attribute(x.requires_grad_(True), target=target, abs=self.aggregate != "sum")
         return reduce_channels(attr, self.aggregate)
 
 

@@ -55,6 +55,7 @@ from explainer.methods.base import (
     no_validation,
     progress_bar,
     register,
+    run_expanded,
     target_scores,
     trapezoid_weights,
     upsample,
@@ -118,8 +119,9 @@ def nested_path_integral(f: nn.Module, x: torch.Tensor, target: torch.Tensor, mo
             r = layer_reference(u, reference)
             v = _expand_path(u, r, alphas)
             if innermost:
-                v.requires_grad_(True)
+                v = v.contiguous().requires_grad_(True)
                 inner["v"], inner["delta"] = v, (u - r)
+                return v.clone()  # downstream in-place ops (ReLU(inplace=True)) must not touch the leaf
             return v
         return hook
 
@@ -130,7 +132,7 @@ def nested_path_integral(f: nn.Module, x: torch.Tensor, target: torch.Tensor, mo
         if not modules:
             xr = xr.clone().requires_grad_(True)
         with forward_hooks((m, hook_for(i)) for i, m in enumerate(modules)):
-            logits = f(xr)
+            logits = run_expanded(f, xr, "layers")
         tgt = target[row_img[s:s + per]].repeat_interleave(expand)
         v = inner["v"] if modules else xr
         (g,) = torch.autograd.grad(target_scores(logits, tgt).sum(), v)

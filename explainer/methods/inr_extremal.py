@@ -27,6 +27,7 @@ perturbed images per image (x2 for ``dual``), times ``k`` for :func:`multiple_ma
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -75,6 +76,14 @@ class FittedINRMasks:
         return m if self.exclude is None else m * (1 - self.exclude)
 
 
+def check_area_range(area_range: Sequence[float]) -> tuple[float, float]:
+    """``(low, high)`` with ``0 < low < high < 1``, or a ValueError naming ``area_range``."""
+    vals = check_areas(area_range, "area_range")
+    if len(vals) != 2 or not vals[0] < vals[1]:
+        raise ValueError(f"area_range: expected (low, high) with 0 < low < high < 1, got {area_range!r}")
+    return vals
+
+
 def _sample_areas(gen: torch.Generator, n: int, lo: float, hi: float) -> list[float]:
     """n stratified areas in [lo, hi]: one uniform draw in each of n equal bins."""
     u = torch.rand(n, generator=gen)
@@ -106,9 +115,7 @@ def fit_inr_masks(f: nn.Module, x: torch.Tensor, target: TargetLike = None, *,
 
     f = load_explanandum(f)
     check_images(x)
-    lo, hi = check_areas(area_range, "area_range")
-    if len(area_range) != 2 or not lo < hi:
-        raise ValueError(f"area_range: expected (low, high) with 0 < low < high < 1, got {area_range!r}")
+    lo, hi = check_area_range(area_range)
     areas_per_step = check_steps(areas_per_step, "areas_per_step")
     max_iter = check_steps(max_iter, "max_iter")
     _check_choice(variant, VARIANTS, "variant")
@@ -211,28 +218,32 @@ class INRExtremalPerturbation(Method):
     Passes per image: ``max_iter`` forward+backward on ``areas_per_step`` images.
     """
 
-    stochastic = True
-
     def __init__(self, f: nn.Module | str, *, areas: float | Sequence[float] = (0.05, 0.1, 0.2, 0.3),
-                 reduce: str = "sum", area_range: tuple[float, float] = (0.02, 0.5), areas_per_step: int = 4,
-                 max_iter: int = 500, lr: float = 1e-3, **options):
-        common = {k: options.pop(k) for k in ("internal_batch_size", "progress", "seed") if k in options}
-        super().__init__(f, **common)
+                 reduce: str = "sum", internal_batch_size: int = 64, progress: bool = False, seed: int = 0,
+                 **options):
+        super().__init__(f, internal_batch_size=internal_batch_size, progress=progress, seed=seed)
         self.areas = check_areas(areas)
         self.reduce = _check_choice(reduce, ("sum", "first"), "reduce")
-        lo, hi = check_areas(area_range, "area_range")
-        self.areas_per_step = check_steps(areas_per_step, "areas_per_step")
-        self.options = dict(area_range=(lo, hi), areas_per_step=self.areas_per_step,
-                            max_iter=check_steps(max_iter, "max_iter"), lr=lr, **options)
-        _check_choice(self.options.get("variant", "preserve"), VARIANTS, "variant")
-        _check_choice(self.options.get("reward", "simple"), REWARDS, "reward")
+        allowed = (set(inspect.signature(fit_inr_masks).parameters) | set(
+            inspect.signature(AreaConditionedINR).parameters)) - {"f", "x", "target", "exclude", "batch_size",
+                                                                  "seed", "progress", "groups", "net_options"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(f"options: unknown option(s) {unknown} for inr_extremal_perturbation; "
+                            f"accepted: {', '.join(sorted(allowed))}")
+        check_area_range(options.get("area_range", (0.02, 0.5)))
+        check_steps(options.get("areas_per_step", 4), "areas_per_step")
+        check_steps(options.get("max_iter", 500), "max_iter")
+        _check_choice(options.get("variant", "preserve"), VARIANTS, "variant")
+        _check_choice(options.get("reward", "simple"), REWARDS, "reward")
+        check_baseline(options.get("baseline", "blur"))
+        self.options = options
 
     def fit(self, x: torch.Tensor, target: TargetLike = None) -> FittedINRMasks:
         """Fit the per-image networks for images ``x`` (B, 3, H, W)."""
-        per = 2 if self.options.get("variant") == "dual" else 1
+        per = (2 if self.options.get("variant") == "dual" else 1) * self.options.get("areas_per_step", 4)
         return fit_inr_masks(self.f, x, target, seed=self.seed, progress=self.progress,
-                             batch_size=max(1, self.internal_batch_size // (self.areas_per_step * per)),
-                             **self.options)
+                             batch_size=max(1, self.internal_batch_size // per), **self.options)
 
     def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         m = self.fit(x, target).masks(self.areas)

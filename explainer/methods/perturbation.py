@@ -52,8 +52,6 @@ class RISE(Method):
             images, i.e. fills with the mean colour), ``"black"`` or ``"blur"``.
     """
 
-    stochastic = True
-
     def __init__(self, f: nn.Module | str, *, n_masks: int = 4000, grid: int = 7, p: float = 0.5,
                  baseline: str = "mean", **common):
         super().__init__(f, **common)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explainer.methods.base import forward_hooks, is_vit
+from explainer.methods.base import forward_hooks, grid_size, is_vit, upsample
 
 
 def check_vit(model: nn.Module, what: str = "f") -> None:
@@ -80,7 +80,5 @@ def rollout(maps: list[torch.Tensor], num_prefix_tokens: int = 1) -> torch.Tenso
 
 def tokens_to_image(model: nn.Module, row: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A per-patch score (B, P) folded onto the patch grid and upsampled bilinearly: (B, 1, H, W)."""
-    from explainer.methods.base import grid_size, upsample
-
     gh, gw = grid_size(model, row.shape[1])
     return upsample(row.reshape(row.shape[0], 1, gh, gw), size, "bilinear")
