@@ -4,8 +4,8 @@
 * the registry -- :func:`register`, :func:`available`, :func:`get` (names -> classes, one place).
 * targets -- :func:`resolve_targets` turns ``int | list[int] | LongTensor (B,) | None`` into ``LongTensor (B,)``.
 * layers -- :func:`find_layer`, :func:`default_layers`: modules chosen by dotted name inside ``f.model``.
-* hooks -- :func:`forward_hooks`, :func:`capture_outputs`, :func:`replace_output`: context managers that
-  always remove their hooks, also when the body raises (the Zennit pattern).
+* hooks -- :func:`forward_hooks`, :func:`capture_outputs`: context managers that always remove their
+  hooks, also when the body raises (the Zennit pattern).
 * small helpers -- :func:`trapezoid_weights`, :func:`minmax_normalize`, :func:`upsample`, :func:`chunks`,
   :func:`progress_bar`, :func:`no_validation`.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import numbers
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence, TypeVar
 
 import torch
@@ -86,8 +87,8 @@ def resolve_targets(f: Explanandum, x: torch.Tensor, target: TargetLike) -> torc
             return f(x).argmax(dim=1)
     if isinstance(target, bool):
         raise TypeError("target: expected int | list[int] | LongTensor (B,) | None, got bool")
-    if isinstance(target, int):
-        t = torch.full((b,), target, dtype=torch.long, device=x.device)
+    if isinstance(target, numbers.Integral):
+        t = torch.full((b,), int(target), dtype=torch.long, device=x.device)
     elif isinstance(target, torch.Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(f"target: expected an integer (Long) tensor of class indices, got dtype {target.dtype}")
@@ -99,9 +100,9 @@ def resolve_targets(f: Explanandum, x: torch.Tensor, target: TargetLike) -> torc
     elif isinstance(target, Sequence) and not isinstance(target, str):
         if len(target) != b:
             raise ValueError(f"target: expected {b} class indices (one per image), got {len(target)}")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in target):
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in target):
             raise TypeError(f"target: expected a list of ints, got {list(target)!r}")
-        t = torch.tensor(list(target), dtype=torch.long, device=x.device)
+        t = torch.tensor([int(v) for v in target], dtype=torch.long, device=x.device)
     else:
         raise TypeError(f"target: expected int | list[int] | LongTensor (B,) | None, got {type(target).__name__}")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
@@ -174,27 +175,23 @@ def default_layers(model: nn.Module) -> tuple[str, str]:
         return f"blocks.{len(blocks) - 1}", f"blocks.{len(blocks) - 2}"
     feats = names.get("features")
     if isinstance(feats, nn.Module):
-        convs = [n for n, m in feats.named_modules() if isinstance(m, nn.Conv2d)]
+        mods = list(feats.named_modules())[1:]  # in forward order for Sequential features
+        convs = [i for i, (_, m) in enumerate(mods) if isinstance(m, nn.Conv2d)]
         if convs:
             last = convs[-1]
-            # the previous stage ends at the last conv followed by a pooling / strided layer
-            order = [n for n, _ in feats.named_modules() if n]
-            mods = dict(feats.named_modules())
-            prev = None
-            for i, n in enumerate(order):
-                m = mods[n]
-                if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) or (isinstance(m, nn.Conv2d) and max(
-                        _pair(m.stride)) > 1):
-                    earlier = [c for c in convs if order.index(c) < i]
-                    if earlier and earlier[-1] != last:
-                        prev = earlier[-1]
-            return f"features.{last}", f"features.{prev or last}"
+            # the block before ends at the last conv before the last down-sampling that precedes `last`
+            downs = [i for i, (_, m) in enumerate(mods[:last]) if _downsamples(m)]
+            prev = max((c for c in convs if downs and c < downs[-1]), default=last)
+            return f"features.{mods[last][0]}", f"features.{mods[prev][0]}"
     raise ValueError(f"layer: no default layer for {type(model).__name__}; pass layer= a module name, e.g. "
                      f"one of {', '.join(n for n, _ in model.named_children())}")
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+def _downsamples(m: nn.Module) -> bool:
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        return True
+    stride = getattr(m, "stride", 1) if isinstance(m, nn.Conv2d) else 1
+    return max(stride if isinstance(stride, (tuple, list)) else (stride,)) > 1
 
 
 def tokens_to_map(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -249,20 +246,6 @@ def capture_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.T
 
     with forward_hooks((m, make(k)) for k, m in modules.items()):
         yield store
-
-
-@contextlib.contextmanager
-def replace_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """While active, ``module``'s output ``u`` is replaced by ``fn(u)``.
-
-    ``fn`` may change the batch size (one sample -> several path points), which is valid when the
-    module's output alone feeds the rest of the network (ResNet stages, VGG features, ViT blocks).
-    """
-    def hook(_m, _i, out):
-        return fn(out)
-
-    with forward_hooks([(module, hook)]):
-        yield
 
 
 def run_expanded(f: nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:

@@ -125,32 +125,29 @@ def nested_path_integral(f: nn.Module, x: torch.Tensor, target: torch.Tensor, mo
             return v
         return hook
 
+    # weights of the layer-path points below one input row: outer product of the trapezoid weights
+    wk = torch.ones(1, device=x.device, dtype=x.dtype)
+    for _ in modules:
+        wk = torch.outer(wk, w).flatten()
+    # the innermost layer runs on rows * p^(len(modules) - 1) samples: bound that by rows_per_pass
+    per = max(1, rows_per_pass // p ** max(len(modules) - 1, 0))
     out = None
-    per = max(1, rows_per_pass // max(1, expand // p if modules else 1))
     for s in range(0, rows.shape[0], per):
-        xr = rows[s:s + per]
+        xr, img = rows[s:s + per], row_img[s:s + per]
         if not modules:
             xr = xr.clone().requires_grad_(True)
         with forward_hooks((m, hook_for(i)) for i, m in enumerate(modules)):
             logits = run_expanded(f, xr, "layers")
-        tgt = target[row_img[s:s + per]].repeat_interleave(expand)
         v = inner["v"] if modules else xr
-        (g,) = torch.autograd.grad(target_scores(logits, tgt).sum(), v)
-        if modules:
-            delta = inner["delta"].repeat_interleave(p, dim=0)  # the innermost path's (u - r), per path point
-            # weights of the nested path points below the input rows: outer product of trapezoid weights
-            wk = w
-            for _ in range(len(modules) - 1):
-                wk = torch.outer(wk, w).flatten()
-        else:
-            delta = (x[row_img[s:s + per]] - baseline[row_img[s:s + per]])
-            wk = torch.ones(1, device=x.device, dtype=x.dtype)
+        (g,) = torch.autograd.grad(target_scores(logits, target[img].repeat_interleave(expand)).sum(), v)
+        # the innermost path's derivative (u - r), repeated for its path points; (x - b) for the input path
+        delta = inner["delta"].repeat_interleave(p, dim=0) if modules else x[img] - baseline[img]
         integrand = (delta * g).view(xr.shape[0], wk.numel(), *g.shape[1:])
         contrib = (integrand * wk.view(1, -1, *([1] * (g.dim() - 1)))).sum(dim=1)
         contrib = contrib * row_w[s:s + per].view(-1, *([1] * (g.dim() - 1)))
         if out is None:
             out = torch.zeros(x.shape[0], *contrib.shape[1:], device=x.device, dtype=contrib.dtype)
-        out.index_add_(0, row_img[s:s + per], contrib)
+        out.index_add_(0, img, contrib)
         inner.clear()
     return out
 
