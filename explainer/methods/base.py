@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explainer.explanandum import Explanandum, check_images
+from explainer.explanandum import Explanandum, check_images, load_explanandum
 
 TargetLike = int | Sequence[int] | torch.Tensor | None
 
@@ -391,8 +391,6 @@ class Method:
             return f
         if f is None:
             raise ValueError("f: expected the explanandum (an Explanandum, an nn.Module or a spec string), got None")
-        from explainer.explanandum import load_explanandum
-
         return load_explanandum(f)
 
     @property

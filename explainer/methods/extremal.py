@@ -37,7 +37,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from explainer.masking import apply_mask, blur, check_baseline
+from explainer.explanandum import check_images, load_explanandum
+from explainer.masking import apply_mask, baseline_image, blur, check_baseline
 from explainer.methods.base import (
     Method,
     TargetLike,
@@ -79,8 +80,6 @@ class Perturbation:
             sigmas = [max_blur * (1 - lv / (num_levels - 1)) for lv in range(num_levels)]
             self.levels = torch.stack([blur(x, s) for s in sigmas], dim=1)  # (B, L, 3, H, W)
         else:
-            from explainer.masking import baseline_image
-
             self.num_levels = 2
             self.levels = torch.stack([baseline_image(x, baseline, mean=mean), x], dim=1)
 
@@ -232,8 +231,6 @@ def extremal_perturbation(f: nn.Module, x: torch.Tensor, target: TargetLike = No
             (B, K, gh, gw) on the coarse grid (``SmoothMask(...).grid``).
         batch_size: images optimised together (default all); progress: a tqdm bar over iterations.
     """
-    from explainer.explanandum import check_images, load_explanandum
-
     f = load_explanandum(f)
     check_images(x)
     areas = check_areas(areas)

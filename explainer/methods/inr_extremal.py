@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from explainer.explanandum import check_images, load_explanandum
 from explainer.masking import check_baseline
 from explainer.methods.base import (
     Method,
@@ -111,8 +112,6 @@ def fit_inr_masks(f: nn.Module, x: torch.Tensor, target: TargetLike = None, *,
         batch_size: images fitted together (default all); seed: initialisation and area sampling.
         net_options: passed to :class:`~explainer.nets.inr.AreaConditionedINR` (width, layers, ...).
     """
-    from explainer.explanandum import check_images, load_explanandum
-
     f = load_explanandum(f)
     check_images(x)
     lo, hi = check_area_range(area_range)
@@ -176,8 +175,6 @@ def multiple_masks(f: nn.Module, x: torch.Tensor, target: TargetLike = None, k: 
         i != j) and gains (B, K): each mask's preserved reward minus the fully perturbed image's
         (NaN after an image stopped).
     """
-    from explainer.explanandum import load_explanandum
-
     f = load_explanandum(f)
     k = check_steps(k, "k")
     (area,) = check_areas(area, "area")
