@@ -219,6 +219,10 @@ def test_inr_batched_fit_equals_fitting_each_image_alone(tiny_cnn, images):
     assert both.shape == (2, 2, 32, 32)
     assert torch.allclose(both[1:], alone, atol=1e-5)
     assert not torch.allclose(both[0], both[1])
+    # the seed fixes the initialisation and the sampled areas
+    assert torch.equal(alone, fit_inr_masks(tiny_cnn, images[1:], 3, **opts).masks((0.1, 0.3)))
+    other = fit_inr_masks(tiny_cnn, images[1:], 3, **{**opts, "seed": 2}).masks((0.1, 0.3))
+    assert not torch.allclose(alone, other)
 
 
 def test_inr_masks_are_well_behaved_in_the_area(tiny_cnn, images):
