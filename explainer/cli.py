@@ -25,6 +25,26 @@ def train_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
                         auto_configure_optimizers=False)
 
 
+def check_config(path: str | os.PathLike) -> None:
+    """Type-check a training config against the classes it names, building nothing.
+
+    Raises ValueError naming the offending keys (unknown keys, wrong types).
+    """
+    from jsonargparse import ArgumentParser
+
+    import explainer  # noqa: F401
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--seed_everything", type=int | bool | None, default=None)
+    parser.add_class_arguments(pl.Trainer, "trainer", fail_untyped=False)
+    parser.add_subclass_arguments(pl.LightningModule, "model", fail_untyped=False)
+    parser.add_subclass_arguments(pl.LightningDataModule, "data", fail_untyped=False)
+    try:
+        parser.parse_path(str(path))
+    except Exception as err:  # jsonargparse's own error types
+        raise ValueError(f"config {str(path)!r}: {err}") from err
+
+
 def _explain(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m explainer explain",
                                 description="Masks of a trained explainer for a file or a folder of images.")

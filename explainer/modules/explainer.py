@@ -65,6 +65,19 @@ def targets_to_index(targets: Any, batch: int, num_classes: int, device=None) ->
     return t.to(device) if device is not None else t
 
 
+def pick_present(present: torch.Tensor, index: torch.Tensor, step: int) -> torch.Tensor:
+    """One present class per image, pseudo-random in (dataset index, step) only.
+
+    Independent of batch composition and process: exact resumption and DDP
+    runs that match a single process rely on it. (B, C) bool -> (B,) long.
+    """
+    C = present.shape[1]
+    key = index.long().view(-1, 1) * 1000003 + torch.arange(C, device=present.device).view(1, -1) * 7919 + step * 104729
+    key = (key * 2654435761) % 4294967291  # an integer hash per (image, class, step)
+    score = torch.where(present, key.float(), torch.full_like(key, -1, dtype=torch.float32))
+    return score.argmax(1)
+
+
 class AmortizedExplainerModule(pl.LightningModule):
     """What every amortized explainer shares: explanandum, explain(), checkpoint metadata, optimiser.
 
@@ -296,26 +309,23 @@ class ExplainerModule(AmortizedExplainerModule):
         total = total + hp.lambda_tv * out["tv"] + hp.lambda_area * out["area"] + hp.lambda_mask * out["mask"] \
             + hp.lambda_nontarget * out["nontarget"]
         if hp.lambda_class:
-            out["class"] = self._class_term(x, s, present)
+            index = batch.get("index", torch.arange(x.shape[0], device=x.device))
+            out["class"] = self._class_term(x, s, present, torch.as_tensor(index, device=x.device))
             total = total + hp.lambda_class * out["class"]
         out["loss"] = total
         out["_S"] = S.detach()
         return out
 
-    def _class_term(self, x, s, present):
+    def _class_term(self, x, s, present, index):
         """BCE(f(x masked by s_c), one-hot(c)) for one present class c per image (the extension)."""
-        # the class choice is a function of (step, image index): runs resume exactly
-        g = torch.Generator().manual_seed(int(self.global_step) * 7919 + 17)
-        r = torch.rand(present.shape, generator=g).to(present.device)
-        score = torch.where(present, r, torch.full_like(r, -1.0))
-        c = score.argmax(1)
+        c = pick_present(present, index, int(self.global_step))
         has = present.any(1)
         sc = s.gather(1, c.view(-1, 1, 1, 1).expand(-1, 1, *s.shape[-2:]))
         logits = self.explanandum(self.mask(x, sc))
         onehot = F.one_hot(c, self.num_classes).float()
-        loss = losses.classification_loss(logits[has], onehot[has], self.explanandum.multilabel) if has.any() \
-            else logits.sum() * 0
-        return loss
+        if not has.any():
+            return logits.sum() * 0
+        return losses.classification_loss(logits[has], onehot[has], self.explanandum.multilabel)
 
     def validation_step(self, batch, batch_idx):
         out = self.compute_losses(batch)

@@ -1,0 +1,237 @@
+"""The Explainer: training with Lightning, frozen explanandum, resume, export, inference, errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from helpers import tiny_classifier, tiny_explainer_kwargs
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+import explainer
+from explainer.amortized import load
+from explainer.data import VOCDataModule
+from explainer.export import export
+from explainer.modules import ExplainerModule
+
+
+@pytest.fixture(scope="module")
+def clf(tmp_path_factory):
+    return tiny_classifier(tmp_path_factory.mktemp("clf") / "clf.safetensors")
+
+
+def _dm(tiny_voc, **kw):
+    args = dict(root=str(tiny_voc), image_size=64, batch_size=4, num_workers=0, rotate90=True)
+    args.update(kw)
+    return VOCDataModule(**args)
+
+
+def _trainer(tmp_path, **kw):
+    args = dict(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                limit_train_batches=3, limit_val_batches=2, default_root_dir=tmp_path, deterministic=True)
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_voc, clf):
+    tmp = tmp_path_factory.mktemp("run")
+    pl.seed_everything(0)
+    model = ExplainerModule(**tiny_explainer_kwargs(clf, lambda_class=1.0))
+    f_before = {k: v.clone() for k, v in model.explanandum.state_dict().items()}
+    ck = ModelCheckpoint(dirpath=tmp / "ck", save_last=True)
+    _trainer(tmp, callbacks=[ck], enable_checkpointing=True).fit(model, _dm(tiny_voc))
+    return model, tmp / "ck" / "last.ckpt", f_before
+
+
+def test_training_keeps_explanandum_frozen_and_logs(trained):
+    model, ckpt, f_before = trained
+    for k, v in model.explanandum.state_dict().items():
+        assert torch.equal(v, f_before[k]), k
+    metrics = model.trainer.callback_metrics
+    for key in ("val/loss", "val/cls", "val/ent", "val/tv", "val/area", "val/mask", "val/nontarget", "val/class",
+                "val/miou", "val/area_present", "val/area_absent"):
+        assert key in metrics and torch.isfinite(metrics[key]), key
+    # the checkpoint does not carry the explanandum's weights, but names it
+    ck = torch.load(ckpt, weights_only=True)
+    assert not any(k.startswith("explanandum.") for k in ck["state_dict"])
+    assert ck["explainer_meta"]["explanandum"]["fingerprint"] == model.explanandum_fingerprint
+    assert ck["explainer_meta"]["baseline"] == "mean"
+
+
+def test_explain_shapes_targets_and_resolution(trained):
+    model, ckpt, _ = trained
+    e = load(ckpt)
+    assert e.explanandum.class_names == model.explanandum.class_names
+    x = torch.rand(3, 3, 64, 64)
+    all_masks = e.explain(x)
+    assert all_masks.shape == (3, 8, 64, 64) and 0 <= all_masks.min() and all_masks.max() <= 1
+    model.eval()
+    assert torch.allclose(all_masks, torch.sigmoid(model(x)), atol=1e-6)
+    one = e.explain(x, [1, 5, 7])
+    assert torch.equal(one[:, 0], torch.stack([all_masks[0, 1], all_masks[1, 5], all_masks[2, 7]]))
+    assert torch.equal(e.explain(x, 2), all_masks[:, 2:3])
+    assert torch.equal(e.explain(x, torch.tensor([0, 1, 2])), all_masks[[0, 1, 2], [0, 1, 2]][:, None])
+    assert e.explain(torch.rand(2, 3, 50, 71)).shape == (2, 8, 50, 71)
+    assert torch.allclose(e.explain(x, batch_size=2), all_masks)
+
+
+def test_explain_bad_input(trained):
+    e = load(trained[1])
+    x = torch.rand(2, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"\[0, 7\]"):
+        e.explain(x, [0, 8])
+    with pytest.raises(ValueError, match="one per image"):
+        e.explain(x, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        e.explain(torch.rand(3, 64, 64))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        e.explain(x * 10)
+    with pytest.raises(TypeError, match="integer"):
+        e.explain(x, torch.tensor([0.5, 1.0]))
+
+
+def test_checkpoint_for_another_explanandum_and_truncated_files(trained, tmp_path):
+    _, ckpt, _ = trained
+    other = tiny_classifier(tmp_path / "other.safetensors", seed=1)
+    with pytest.raises(ValueError, match="another classifier"):
+        load(ckpt, explanandum=str(other))
+    data = ckpt.read_bytes()
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match="truncated"):
+        load(bad)
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing.ckpt")
+    # a classifier checkpoint is not an explainer
+    with pytest.raises(ValueError, match="not written by this project|expected explainer"):
+        load(other)
+
+
+def test_exports_round_trip_and_onnx_matches(trained, tmp_path):
+    _, ckpt, _ = trained
+    e = load(ckpt)
+    x = torch.rand(3, 3, 64, 64)
+    ref = e.explain(x)
+    st = export(ckpt, "safetensors", tmp_path / "e.safetensors")
+    assert torch.allclose(load(st).explain(x), ref, atol=1e-6)
+    onnx_path = export(ckpt, "onnx", tmp_path / "e.onnx", input_size=64)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for b in (1, 3):  # dynamic batch
+        out = sess.run(None, {sess.get_inputs()[0].name: x[:b].numpy()})[0]
+        assert out.shape == (b, 8, 64, 64)
+        assert np.abs(out - ref[:b].numpy()).max() < 1e-4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+    with pytest.raises(ValueError, match="format"):
+        export(ckpt, "pickle", tmp_path / "x")
+
+
+def test_explain_cli_writes_masks_and_json(trained, tiny_voc, tmp_path):
+    from explainer.cli import main
+
+    rc = main(["explain", "--checkpoint", str(trained[1]), "--images", str(tiny_voc / "JPEGImages"),
+               "--out", str(tmp_path / "out"), "--top-k", "2"])
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "explanations.json").read_text())
+    assert len(report) == 48
+    first = next(iter(report.values()))["top_classes"]
+    assert len(first) == 2 and first[0]["probability"] >= first[1]["probability"]
+    assert 0 <= first[0]["mask_area"] <= 1
+    assert len(list((tmp_path / "out").glob("*_mask.png"))) == 96
+    assert main(["explain", "--checkpoint", str(tmp_path / "none.ckpt"), "--images", ".", "--out", "x"]) == 1
+
+
+def test_methods_interface_wraps_the_explainer(trained):
+    import explainer.methods as M
+
+    e = load(trained[1])
+    m = M.get("explainer", e.explanandum, checkpoint=str(trained[1]))
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.allclose(m.attribute(x, [3, 4]), e.explain(x, [3, 4]))
+    top = e.explanandum(x).argmax(1)
+    assert torch.allclose(m.attribute(x), e.explain(x, top))
+
+
+def test_resume_gives_the_same_weights(tiny_voc, clf, tmp_path):
+    def fresh():
+        pl.seed_everything(0)
+        return ExplainerModule(**tiny_explainer_kwargs(clf, lambda_class=1.0, lr_schedule="cosine",
+                                                       warmup_steps=2))
+
+    full = fresh()
+    _trainer(tmp_path / "a", max_epochs=2).fit(full, _dm(tiny_voc))
+    class Kill(pl.Callback):  # the run is stopped after its first epoch
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    part = fresh()
+    ck = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    _trainer(tmp_path / "b", max_epochs=2, callbacks=[ck, Kill()]).fit(part, _dm(tiny_voc))
+    assert part.current_epoch == 1
+    resumed = fresh()
+    t = _trainer(tmp_path / "b", max_epochs=2, callbacks=[ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)])
+    t.fit(resumed, _dm(tiny_voc), ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    assert torch.allclose(full.trainer.callback_metrics["val/loss"], t.callback_metrics["val/loss"], atol=1e-6)
+
+
+def test_config_errors(tmp_path):
+    from explainer.cli import train_cli
+
+    with pytest.raises(SystemExit):
+        train_cli(["fit", "--config", "configs/synthetic/explainer.yaml", "--model.init_args.no_such_key", "1"],
+                  run=False)
+    with pytest.raises(ValueError, match="baseline"):
+        ExplainerModule(**tiny_explainer_kwargs(tiny_classifier(tmp_path / "c.safetensors"), baseline="grey"))
+
+
+def test_wandb_offline_run_holds_metrics(tiny_voc, clf, tmp_path, monkeypatch):
+    from pytorch_lightning.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    pl.seed_everything(0)
+    model = ExplainerModule(**tiny_explainer_kwargs(clf))
+    logger = WandbLogger(project="explainer-test", save_dir=str(tmp_path), offline=True)
+    _trainer(tmp_path, logger=logger, log_every_n_steps=1).fit(model, _dm(tiny_voc))
+    import wandb
+
+    wandb.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # the offline run file (what `wandb sync` uploads) holds the history records: the
+    # metric keys and the resolved hyper-parameters are stored as plain protobuf strings
+    import time
+
+    for _ in range(60):  # wandb's service process may still be flushing the file
+        data = next(runs[0].glob("*.wandb")).read_bytes()
+        if b"val/miou" in data:
+            break
+        time.sleep(0.5)
+    for key in (b"val/loss", b"val/miou", b"train/loss_step", b"lambda_ent", b"area_max"):
+        assert key in data, key
+    assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))  # the mask panels
+
+
+@pytest.mark.parametrize("cfg", ["configs/synthetic/explainer.yaml", "configs/voc/explainer.yaml",
+                                 "configs/coco/explainer.yaml", "configs/synthetic/explanandum.yaml"])
+def test_configs_parse(cfg):
+    """Every shipped config type-checks against the classes it names (without building models or data)."""
+    from explainer.cli import check_config
+
+    check_config(cfg)
+
+
+def test_check_config_rejects_unknown_keys(tmp_path):
+    from explainer.cli import check_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open("configs/synthetic/explainer.yaml").read().replace("lambda_tv:", "lambda_tvv:"))
+    with pytest.raises(ValueError, match="lambda_tvv"):
+        check_config(bad)
