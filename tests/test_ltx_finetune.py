@@ -1,5 +1,7 @@
 """LTX per-instance finetuning: batched (vmap over explainer copies) == the plain per-image loop; errors."""
 
+import copy
+
 import pytest
 import torch
 
@@ -29,13 +31,15 @@ def _state(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("which", ["cnn-backbone", "cnn-smp", "vit-backbone", "vit-agnostic-kl"])
+SETTINGS = {"cnn-backbone": ({}, 64), "cnn-smp": (SMP_TINY, 32), "vit-backbone": ({"lambda_inverse": 1.0}, 32),
+            "vit-agnostic-kl": ({"class_agnostic": True, "target": "kl"}, 32)}
+
+
+@pytest.mark.parametrize("which", list(SETTINGS))
 def test_batched_equals_loop_and_leaves_module_unchanged(which, tiny_cnn, vit):
-    f, kw, size = {"cnn-backbone": (tiny_cnn, {}, 64), "cnn-smp": (tiny_cnn, SMP_TINY, 32),
-                   "vit-backbone": (vit, {"lambda_inverse": 1.0}, 32),
-                   "vit-agnostic-kl": (vit, {"class_agnostic": True, "target": "kl"}, 32)}[which]
+    kw, size = SETTINGS[which]
     torch.manual_seed(0)
-    m = LTXModule(f, **kw, lambda_mask=5.0)
+    m = LTXModule(vit if which.startswith("vit") else tiny_cnn, **kw, lambda_mask=5.0)
     m.train()  # finetuning must switch the explainer to eval (BN statistics frozen) and back
     x = torch.rand(3, 3, size, size)
     t = torch.tensor([2, 0, 3])
@@ -45,12 +49,25 @@ def test_batched_equals_loop_and_leaves_module_unchanged(which, tiny_cnn, vit):
     batched = finetune(m, x, t, steps=3, lr=1e-2)
     loop = finetune_loop(m, x, t, steps=3, lr=1e-2)
     assert batched.shape == (3, 1, size, size)
-    assert torch.allclose(batched, loop, atol=2e-4), (batched - loop).abs().max()
+    assert torch.allclose(batched, loop, atol=1e-4), (batched - loop).abs().max()
     assert (batched - pre).abs().max() > 1e-3  # the steps did something
     # the pretrained explainer and the explanandum are untouched, and the explainer is back in train mode
     assert all(torch.equal(v, before[k]) for k, v in m.net.state_dict().items())
     assert all(torch.equal(v, f_before[k]) for k, v in m.explanandum.state_dict().items())
     assert m.net.training and not m.explanandum.training
+
+
+@pytest.mark.parametrize("which", ["cnn-backbone", "vit-backbone"])
+def test_batched_equals_loop_exactly_in_float64(which, tiny_cnn, vit):
+    """Exact up to rounding: in float32 AdamW turns the sign of a ~0 gradient, which rounding decides
+    differently for grouped and single convolutions, into a full +-lr step, so rare pixels may differ more."""
+    torch.manual_seed(0)
+    f = copy.deepcopy(vit if which.startswith("vit") else tiny_cnn)  # a copy: the fixture stays float32
+    m = LTXModule(f, **SETTINGS[which][0]).double()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    batched = finetune(m, x, [1, 3], steps=3, lr=1e-2)
+    loop = finetune_loop(m, x, [1, 3], steps=3, lr=1e-2)
+    assert torch.allclose(batched, loop, atol=1e-6, rtol=0)
 
 
 def test_images_are_independent_of_their_batch(tiny_cnn):
