@@ -141,6 +141,8 @@ def test_smooth_mask_matches_plain_loops():
     assert fast.shape == (3, 1, 10, 14) and 0 <= fast.min() and fast.max() <= 1
     for i in range(3):
         assert torch.allclose(fast[i, 0], slow_mask(p[i], tables, size), atol=1e-6)
+    gen.chunk_elements = 1  # one mask at a time: the same masks
+    assert torch.equal(gen(p), fast)
 
 
 def test_contrastive_reward():
