@@ -57,6 +57,13 @@ class LTXMethod(AmortizedMethod):
     (or the registered name ``"pltx"``) skips finetuning: pLTX, the pretrained
     explainer's mask from one forward pass.
 
+    Several step counts side by side in ``python -m explainer evaluate`` (method names are config keys)::
+
+        methods:
+          pltx: {checkpoint: runs/ltx/checkpoints/last.ckpt}
+          ltx_5: {factory: "explainer.methods.amortized:LTXMethod", checkpoint: ..., steps: 5}
+          ltx_25: {factory: "explainer.methods.amortized:LTXMethod", checkpoint: ..., steps: 25}
+
     Args:
         checkpoint: an LTX checkpoint (kind "ltx"); another kind is an error.
         steps: finetuning steps per image (>= 1).
