@@ -227,13 +227,26 @@ def _torchvision_model(name: str, weights: Any, num_classes: int | None):
     return builder(weights=None, **kwargs), None
 
 
-def _num_outputs(model: nn.Module, size: int = 64) -> int:
+def _num_outputs(model: nn.Module) -> int:
+    """The class count: timm's ``num_classes``, else a probe at the model's own input size."""
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int) and n > 0:
+        return n
     model.eval()  # a probe in train mode would move batch-norm statistics
-    with torch.no_grad():
-        out = model(torch.zeros(1, 3, size, size))
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return int(out.shape[-1])
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    sizes = [cfg["input_size"][-1]] if "input_size" in cfg else []
+    err: Exception | None = None
+    for size in [*sizes, 224, 64]:
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(1, 3, size, size))
+        except Exception as e:  # wrong input size for this model: try the next
+            err = e
+            continue
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return int(out.shape[-1])
+    raise ValueError(f"spec: the model does not run on a (1, 3, H, W) image: {err}")
 
 
 def _import_factory(spec: str):

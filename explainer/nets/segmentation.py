@@ -16,13 +16,15 @@ def build_segmentation_net(architecture: str, encoder: str, classes: int, encode
     ``encoder`` may be any smp encoder or ``tu-<timm name>`` (smp's universal
     timm encoder), e.g. ``tu-explainer_resnet_small`` or ``tu-resnet50``.
     """
+    known = {a.__name__.lower(): a.__name__ for a in smp.__dict__.values()
+             if isinstance(a, type) and issubclass(a, torch.nn.Module) and hasattr(a, "_is_torch_scriptable")}
+    if architecture.lower() not in known:
+        raise ValueError(f"architecture: smp has no architecture {architecture!r}; expected one of "
+                         f"{sorted(known.values())}")
     try:
         return smp.create_model(architecture, encoder_name=encoder, encoder_weights=encoder_weights,
                                 classes=classes, **kwargs)
-    except KeyError as err:
-        raise ValueError(f"architecture: smp has no architecture {architecture!r} "
-                         f"(e.g. Unet, UnetPlusPlus, FPN, DeepLabV3, DeepLabV3Plus)") from err
-    except (ValueError, RuntimeError) as err:
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
         raise ValueError(f"encoder: cannot build encoder {encoder!r} for {architecture!r}: {err}") from err
 
 
