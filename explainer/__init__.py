@@ -1,11 +1,19 @@
-"""explainer: trained explainers for image classifiers, the methods they are measured against, and their evaluation."""
+"""explainer: trained explainers for image classifiers, the methods they are measured against, and their evaluation.
+
+>>> import explainer
+>>> f = explainer.load_explanandum("checkpoints/synthetic_classifier.safetensors")
+>>> e = explainer.load("checkpoints/synthetic_explainer.ckpt")
+>>> masks = e.explain(x)                                   # (B, C, H, W), one forward pass
+>>> maps = explainer.methods.get("gradcam", f).attribute(x, target=None)
+"""
 
 import os as _os
 
 _os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from explainer import data, nets  # noqa: E402,F401
+from explainer import data, methods, metrics, nets  # noqa: E402,F401  # noqa: E402,F401,I001
+from explainer.amortized import load  # noqa: E402
 from explainer.explanandum import Explanandum, load_explanandum, save_explanandum  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Explanandum", "load_explanandum", "save_explanandum", "data", "nets"]
+__all__ = ["Explanandum", "load_explanandum", "save_explanandum", "load", "data", "nets", "methods", "metrics"]

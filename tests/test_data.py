@@ -3,7 +3,6 @@
 import json
 
 import albumentations as A
-import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -107,7 +106,7 @@ def test_coco_unknown_category_is_refused(tmp_path):
     root = _coco_fixture(tmp_path, unknown=True)
     dm = COCODataModule(root=str(root), num_workers=0)
     with pytest.raises(ValueError, match="category ids \\[99\\]"):
-        dm.class_names
+        _ = dm.class_names
 
 
 def test_image_folder(tmp_path):
@@ -131,9 +130,9 @@ def test_image_folder(tmp_path):
 
 def test_errors(tmp_path, tiny_voc):
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        VOCDataModule(root=str(tmp_path / "nope")).class_names
+        _ = VOCDataModule(root=str(tmp_path / "nope")).class_names
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        FolderDataModule(root=str(tmp_path / "nope")).class_names
+        _ = FolderDataModule(root=str(tmp_path / "nope")).class_names
     # a VOC tree missing files
     import shutil
 

@@ -1,7 +1,6 @@
 """The Explainer: training with Lightning, frozen explanandum, resume, export, inference, errors."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ import torch
 from helpers import tiny_classifier, tiny_explainer_kwargs
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-import explainer
 from explainer.amortized import load
 from explainer.data import VOCDataModule
 from explainer.export import export

@@ -187,7 +187,8 @@ class ImageDataModule(pl.LightningDataModule):
     multilabel: bool = True
 
     def __init__(self, batch_size: int = 32, num_workers: int = 2, image_size: int = 128, augment: bool = True,
-                 crop_scale: tuple[float, float] | None = None, rotate90: bool = False, limit_train: int | None = None, limit_val: int | None = None, limit_test: int | None = None,
+                 crop_scale: tuple[float, float] | None = None, rotate90: bool = False,
+                 limit_train: int | None = None, limit_val: int | None = None, limit_test: int | None = None,
                  seed: int = 0):
         super().__init__()
         self.batch_size = batch_size

@@ -1,0 +1,152 @@
+"""The main job on the embedded default: ``python -m explainer.quickstart``.
+
+1. Generate the synthetic VOC-format benchmark (skipped when present and current).
+2. Evaluate the committed classifier: test mAP, per-class AP, and mAP with the
+   objects erased (it must collapse if the classifier uses the objects).
+3. Train the Explainer with configs/synthetic/explainer.yaml (LightningCLI).
+4. Compare it with Grad-CAM on the test split (configs/synthetic/quickstart_evaluate.yaml):
+   mIoU, F1, pointing game, and the mean mask of present and absent classes.
+5. Write outputs/quickstart/: classifier.json, metrics.md, results.json, figure.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+OUT = Path("outputs/quickstart")
+
+
+def _classifier_report(dm, clf_path: str, out: Path) -> dict:
+    import explainer
+    from explainer.classifier_eval import evaluate_classifier
+
+    f = explainer.load_explanandum(clf_path)
+    loader = torch.utils.data.DataLoader(dm.dataset("test"), batch_size=64, num_workers=0)
+    rep = evaluate_classifier(f, loader)
+    (out / "classifier.json").write_text(json.dumps(rep, indent=1))
+    return rep
+
+
+def _figure(e, dm, out: Path, n: int = 6) -> None:
+    """Rows: image, ground truth, the Explainer's masks of the present classes."""
+    from explainer import viz
+    from explainer.data.synthetic import voc_palette
+
+    ds = dm.dataset("test")
+    pal = np.array(voc_palette(), np.uint8).reshape(-1, 3)
+    rows = []
+    for i in range(n):
+        s = ds[i]
+        x = s["image"][None]
+        masks = e.explain(x)[0]
+        present = s["labels"] > 0.5
+        tiles = [viz.to_uint8(s["image"]), pal[s["mask"].numpy().astype(np.uint8)]]
+        for c in present.nonzero().flatten().tolist()[:4]:
+            tiles.append(viz._label(viz.overlay(s["image"], masks[c]), e.class_names[c]))
+        H, W = x.shape[-2:]
+        tiles += [np.zeros((H, W, 3), np.uint8)] * (6 - len(tiles))
+        rows.append(np.concatenate(tiles, 1))
+    viz.save_png(np.concatenate(rows, 0), out / "figure.png")
+
+
+def _mask_areas(e, dm, n: int = 200) -> dict:
+    """Mean mask of present and of absent classes over n test images (class-specificity at a glance)."""
+    ds = dm.dataset("test")
+    pres, absn = [], []
+    for i in range(0, min(n, len(ds)), 32):
+        batch = [ds[j] for j in range(i, min(i + 32, n, len(ds)))]
+        x = torch.stack([b["image"] for b in batch])
+        y = torch.stack([b["labels"] for b in batch]) > 0.5
+        area = e.explain(x).flatten(2).mean(2)
+        pres.append(area[y])
+        absn.append(area[~y])
+    return {"mean_mask_present": float(torch.cat(pres).mean()), "mean_mask_absent": float(torch.cat(absn).mean())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m explainer.quickstart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-config", default="configs/synthetic/explainer.yaml")
+    p.add_argument("--eval-config", default="configs/synthetic/quickstart_evaluate.yaml")
+    p.add_argument("--classifier", default="checkpoints/synthetic_classifier.safetensors")
+    p.add_argument("--skip-training", action="store_true", help="evaluate an existing runs/explainer checkpoint")
+    p.add_argument("--out", default=str(OUT))
+    a = p.parse_args(argv)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import yaml
+
+    import explainer
+    from explainer.cli import train_cli
+    from explainer.data import SyntheticDataModule
+    from explainer.evaluate import main as evaluate_main
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    times = {}
+    t0 = time.time()
+    conf = yaml.safe_load(Path(a.train_config).read_text())["data"]["init_args"]
+    dm = SyntheticDataModule(root=conf["root"], num_images=conf["num_images"], num_workers=0)
+    print("[1/4] generating the embedded benchmark (once) ...", flush=True)
+    dm.prepare_data()
+    times["generate_s"] = time.time() - t0
+
+    print("[2/4] evaluating the committed classifier ...", flush=True)
+    t = time.time()
+    rep = _classifier_report(dm, a.classifier, out)
+    times["classifier_eval_s"] = time.time() - t
+    print(f"      test mAP {rep['map']:.3f}; objects erased {rep.get('map_erased', float('nan')):.3f}; "
+          f"chance {rep['chance_map']:.3f}", flush=True)
+
+    t = time.time()
+    if not a.skip_training:
+        print("[3/4] training the Explainer ...", flush=True)
+        train_cli(["fit", "--config", a.train_config])
+    times["train_s"] = time.time() - t
+    ckpt = Path("runs/explainer/checkpoints/best.ckpt")
+    if not ckpt.is_file():
+        ckpt = Path("runs/explainer/checkpoints/last.ckpt")
+
+    print("[4/4] comparing with Grad-CAM on the test split ...", flush=True)
+    t = time.time()
+    ev = yaml.safe_load(Path(a.eval_config).read_text())
+    ev["methods"]["explainer"]["checkpoint"] = str(ckpt)
+    ev_path = out / "evaluate.yaml"
+    ev_path.write_text(yaml.safe_dump(ev))
+    evaluate_main(["--config", str(ev_path), "--out", str(out / "results.json")])
+    e = explainer.load(ckpt)
+    areas = _mask_areas(e, dm)
+    _figure(e, dm, out)
+    times["evaluate_s"] = time.time() - t
+    times["total_s"] = time.time() - t0
+
+    results = json.loads((out / "results.json").read_text())
+    names = list(results["methods"]["explainer"]["metrics"])
+    lines = ["# Quickstart results (embedded benchmark, test split)", "",
+             f"Classifier: test mAP **{rep['map']:.3f}**, with objects erased "
+             f"{rep.get('map_erased', float('nan')):.3f} (chance {rep['chance_map']:.3f}), "
+             f"{rep['num_images']} images.", "",
+             "| method | " + " | ".join(names) + " | s/image |", "|---|" + "---|" * (len(names) + 1)]
+    for name, r in results["methods"].items():
+        vals = " | ".join(f"{r['metrics'][k]:.3f}" if k in r["metrics"] else "n/a" for k in names)
+        lines.append(f"| {name} | {vals} | {r['seconds_per_image']:.4f} |")
+    lines += ["", f"Explainer mean mask: present classes {areas['mean_mask_present']:.3f}, "
+              f"absent classes {areas['mean_mask_absent']:.3f}.", "",
+              "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()), ""]
+    (out / "metrics.md").write_text("\n".join(lines))
+    (out / "summary.json").write_text(json.dumps({"classifier": rep, "mask_areas": areas, "times": times,
+                                                  "checkpoint": str(ckpt)}, indent=1))
+    print("\n".join(lines))
+    print(f"wrote {out}/metrics.md, results.json, figure.png", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
