@@ -37,26 +37,35 @@ def erase_objects(x: torch.Tensor, mask: torch.Tensor, dilate: int = 3, iters: i
 def evaluate_classifier(f, loader, device: str = "cpu", erase: bool = True, progress: bool = True) -> dict:
     """mAP and per-class AP of ``f`` on ``loader``; with ``erase`` also on object-erased images.
 
-    Images without ground-truth masks are skipped in the erased evaluation.
-    Returns plain floats: {"map", "ap": {class: AP}, "map_erased", "num_images", "chance_map"}.
+    ``map`` follows VOC's protocol: a class present only as "difficult"
+    objects (here: less than 60% visible) is ignored for that image;
+    ``map_all`` counts them as positives. Images without ground-truth masks
+    are skipped in the erased evaluation.
+    Returns plain floats: {"map", "map_all", "ap": {class: AP}, "map_erased", "num_images", "chance_map"}.
     """
     C = f.num_classes
     f = f.to(device)
-    full = MultilabelAveragePrecision(num_labels=C, average=None).to(device)
-    erased = MultilabelAveragePrecision(num_labels=C, average=None).to(device)
+    full = MultilabelAveragePrecision(num_labels=C, average=None, ignore_index=-1).to(device)
+    full_all = MultilabelAveragePrecision(num_labels=C, average=None).to(device)
+    erased = MultilabelAveragePrecision(num_labels=C, average=None, ignore_index=-1).to(device)
     n = 0
     pos = torch.zeros(C)
     for batch in tqdm(loader, desc="classifier", disable=not progress):
-        x, y = batch["image"].to(device), batch["labels"].to(device).long()
-        full.update(f(x), y)
-        pos += y.sum(0).cpu().float()
+        x, y_all = batch["image"].to(device), batch["labels"].to(device).long()
+        y = y_all
+        if "difficult" in batch:
+            y = torch.where(batch["difficult"].to(device) > 0, torch.full_like(y_all, -1), y_all)
+        logits = f(x)
+        full.update(logits, y)
+        full_all.update(logits, y_all)
+        pos += y_all.sum(0).cpu().float()
         n += x.shape[0]
         hm = batch["has_mask"].bool()
         if erase and hm.any():
             xe = erase_objects(x[hm.to(device)], batch["mask"][hm].to(device))
             erased.update(f(xe), y[hm.to(device)])
     ap = full.compute().cpu()
-    out = {"num_images": n, "map": float(ap.mean()),
+    out = {"num_images": n, "map": float(ap.mean()), "map_all": float(full_all.compute().mean()),
            "ap": {name: float(v) for name, v in zip(f.class_names, ap)},
            # a classifier that ignores the image ranks at random: AP = class frequency
            "chance_map": float((pos / max(n, 1)).mean())}

@@ -102,8 +102,12 @@ class SegClsDataset(Dataset):
             rgb, mask = out["image"], out["mask"]
         image = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float().div_(255)
         return {"image": image, "labels": torch.as_tensor(labels, dtype=torch.float32),
-                "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(),
-                "has_mask": torch.tensor(has_mask), "index": i}
+                "mask": torch.from_numpy(np.array(mask, copy=True)).long(),
+                "has_mask": torch.tensor(has_mask), "index": i, **self.extras(i)}
+
+    def extras(self, i: int) -> dict[str, Any]:
+        """Dataset-specific fields added to every sample (called right after ``load(i)``)."""
+        return {}
 
 
 class EpochSeededSampler(DistributedSampler):

@@ -8,6 +8,7 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import numpy as np
+import torch
 
 from explainer.data import synthetic
 from explainer.data.base import IGNORE, ImageDataModule, SegClsDataset, read_index_png, read_rgb
@@ -48,17 +49,28 @@ def voc_class_names(root: Path) -> list[str]:
 
 def parse_annotation(path: Path, class_index: dict[str, int]) -> np.ndarray:
     """Multi-hot (C,) labels of the objects named in a VOC Annotations XML (difficult ones included)."""
+    return parse_annotation_full(path, class_index)[0]
+
+
+def parse_annotation_full(path: Path, class_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, difficult): multi-hot labels of all objects, and the classes present ONLY as difficult objects.
+
+    VOC's protocol ignores the latter when computing AP.
+    """
     try:
         tree = ET.parse(path)
     except (ET.ParseError, OSError) as err:
         raise ValueError(f"annotation: cannot parse {str(path)!r}: {err}") from err
     y = np.zeros(len(class_index), np.float32)
+    easy = np.zeros(len(class_index), np.float32)
     for obj in tree.getroot().iter("object"):
         name = (obj.findtext("name") or "").strip()
         if name not in class_index:
             raise ValueError(f"annotation: {str(path)!r} names class {name!r}, expected one of {list(class_index)}")
         y[class_index[name]] = 1
-    return y
+        if (obj.findtext("difficult") or "0").strip() != "1":
+            easy[class_index[name]] = 1
+    return y, y * (1 - easy)
 
 
 class VOCDataset(SegClsDataset):
@@ -83,10 +95,14 @@ class VOCDataset(SegClsDataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def extras(self, i: int) -> dict:
+        """``difficult``: (C,) classes present only as difficult objects (read with the last ``load``)."""
+        return {"difficult": torch.from_numpy(self._difficult)}
+
     def load(self, i: int):
         sid = self.ids[i]
         rgb = read_rgb(self.root / "JPEGImages" / f"{sid}.jpg")
-        labels = parse_annotation(self.root / "Annotations" / f"{sid}.xml", self.index)
+        labels, self._difficult = parse_annotation_full(self.root / "Annotations" / f"{sid}.xml", self.index)
         seg = self.root / "SegmentationClass" / f"{sid}.png"
         mask = read_index_png(seg) if seg.is_file() else None
         if mask is not None:

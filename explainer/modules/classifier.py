@@ -26,15 +26,26 @@ class ClassifierModule(pl.LightningModule):
         lr, weight_decay: AdamW settings; lr is the one-cycle peak.
         mean, std: input normalisation, applied inside the model.
         model_kwargs: extra timm keyword arguments.
+        init_from: start from the weights of a classifier checkpoint of this
+            project (.ckpt or .safetensors) with the same architecture: a
+            second training stage (e.g. a warm restart with a new schedule).
+        pct_start: share of the one-cycle schedule spent warming up.
     """
 
     def __init__(self, arch: str = "explainer_resnet_small", num_classes: int = 8, multilabel: bool = True,
                  lr: float = 2e-3, weight_decay: float = 0.05, mean: Sequence[float] = (0.5, 0.5, 0.5),
                  std: Sequence[float] = (0.25, 0.25, 0.25), model_kwargs: dict | None = None,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, init_from: str | None = None, pct_start: float = 0.15):
         super().__init__()
         self.save_hyperparameters()
         self.model = build_timm(arch, num_classes, model_kwargs)
+        if init_from:
+            from explainer.explanandum import load_explanandum
+
+            src = load_explanandum(init_from, num_classes=num_classes)
+            if src.arch != arch:
+                raise ValueError(f"init_from: {init_from!r} is a {src.arch!r}, expected {arch!r}")
+            self.model.load_state_dict(src.model.state_dict())
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         if multilabel:
@@ -82,7 +93,7 @@ class ClassifierModule(pl.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr,
                                                     total_steps=int(self.trainer.estimated_stepping_batches),
-                                                    pct_start=0.15)
+                                                    pct_start=self.hparams.pct_start)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def explanandum_meta(self) -> dict:
