@@ -81,9 +81,9 @@ def main() -> None:
                 self.n += b["image"].shape[0]
             self.last_end = now
 
-    from explainer.modules import ExplainerModule
-
     import inspect
+
+    from explainer.modules import ExplainerModule
 
     init = inspect.signature(ExplainerModule.__init__).parameters
     hp = {k: v for k, v in e.hparams.items() if k in init and k != "explanandum_fingerprint"}

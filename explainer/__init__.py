@@ -2,7 +2,7 @@
 
 >>> import explainer
 >>> f = explainer.load_explanandum("checkpoints/synthetic_classifier.safetensors")
->>> e = explainer.load("checkpoints/synthetic_explainer.ckpt")
+>>> e = explainer.load("checkpoints/synthetic_explainer.safetensors")
 >>> masks = e.explain(x)                                   # (B, C, H, W), one forward pass
 >>> maps = explainer.methods.get("gradcam", f).attribute(x, target=None)
 """

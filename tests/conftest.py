@@ -43,3 +43,12 @@ def tiny_vit():
 def images():
     g = torch.Generator().manual_seed(0)
     return torch.rand(2, 3, 32, 32, generator=g)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: the many tiny ops of the method tests run faster without thread hand-offs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

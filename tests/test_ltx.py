@@ -18,17 +18,8 @@ SMP_TINY = dict(network="smp", encoder="tu-explainer_resnet_tiny",
 
 
 @pytest.fixture(scope="module")
-def vit(request):
-    """The tiny ViT of conftest; built directly if ``load_explanandum``'s 64 px output probe rejects it."""
-    try:
-        return request.getfixturevalue("tiny_vit")
-    except AssertionError:
-        import timm
-
-        torch.manual_seed(0)
-        m = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=32, patch_size=8, depth=2,
-                              embed_dim=48, num_heads=3)
-        return explainer.Explanandum(m, 4, class_names=[f"c{i}" for i in range(4)])
+def vit(tiny_vit):
+    return tiny_vit
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ import explainer
 import explainer.methods as M
 from explainer.methods.base import default_layers, find_layer, forward_hooks, resolve_targets
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the machine is shared with long jobs: one thread is much faster than two contended ones
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------- helpers --

@@ -20,13 +20,7 @@ from explainer.methods.extremal import (
 from explainer.methods.inr_extremal import fit_inr_masks, multiple_masks
 from explainer.nets.inr import AreaConditionedINR, pixel_coordinates
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------- slow, plain versions --
