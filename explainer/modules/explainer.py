@@ -45,24 +45,13 @@ def fingerprint(f: Explanandum) -> str:
 
 
 def targets_to_index(targets: Any, batch: int, num_classes: int, device=None) -> torch.Tensor:
-    """int | list[int] | LongTensor (B,) -> LongTensor (B,), checked against ``num_classes``."""
-    if isinstance(targets, bool) or targets is None:
-        raise TypeError(f"targets: expected int, list[int] or LongTensor (B,), got {targets!r}")
-    if isinstance(targets, int):
-        t = torch.full((batch,), targets, dtype=torch.long)
-    else:
-        t = torch.as_tensor(targets)
-        if t.is_floating_point():
-            raise TypeError(f"targets: expected integer class indices, got dtype {t.dtype}")
-        t = t.long().reshape(-1)
-        if t.numel() == 1 and batch != 1:
-            t = t.expand(batch)
-        if t.numel() != batch:
-            raise ValueError(f"targets: expected {batch} class indices (one per image), got {t.numel()}")
-    bad = (t < 0) | (t >= num_classes)
-    if bad.any():
-        raise ValueError(f"targets: class indices must lie in [0, {num_classes - 1}], got {t[bad].tolist()}")
-    return t.to(device) if device is not None else t
+    """int | list[int] | LongTensor (B,) -> LongTensor (B,), checked against ``num_classes``.
+
+    The one target vocabulary of the project: :func:`explainer.methods.base.check_targets`.
+    """
+    from explainer.methods.base import check_targets
+
+    return check_targets(targets, batch, num_classes, device)
 
 
 def pick_present(present: torch.Tensor, index: torch.Tensor, step: int) -> torch.Tensor:
