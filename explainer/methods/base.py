@@ -87,33 +87,34 @@ def resolve_targets(f: Explanandum, x: torch.Tensor, target: TargetLike) -> torc
     return check_targets(target, x.shape[0], f.num_classes, x.device)
 
 
-def check_targets(target: Any, b: int, c: int, device: torch.device | str | None = None) -> torch.LongTensor:
+def check_targets(target: Any, b: int, c: int, device: torch.device | str | None = None,
+                  name: str = "target") -> torch.LongTensor:
     """int | list[int] | LongTensor (B,) -> LongTensor (B,) of class indices in [0, c - 1]; clear errors otherwise."""
     if target is None:
-        raise TypeError("target: expected int | list[int] | LongTensor (B,), got None")
+        raise TypeError(f"{name}: expected int | list[int] | LongTensor (B,), got None")
     if isinstance(target, bool):
-        raise TypeError("target: expected int | list[int] | LongTensor (B,) | None, got bool")
+        raise TypeError(f"{name}: expected int | list[int] | LongTensor (B,) | None, got bool")
     if isinstance(target, numbers.Integral):
         t = torch.full((b,), int(target), dtype=torch.long, device=device)
     elif isinstance(target, torch.Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise TypeError(f"target: expected an integer (Long) tensor of class indices, got dtype {target.dtype}")
+            raise TypeError(f"{name}: expected an integer (Long) tensor of class indices, got dtype {target.dtype}")
         if target.dim() == 0:
             target = target.expand(b)
         if target.dim() != 1 or target.shape[0] != b:
-            raise ValueError(f"target: expected shape ({b},) (one class per image), got {tuple(target.shape)}")
+            raise ValueError(f"{name}: expected shape ({b},) (one class per image), got {tuple(target.shape)}")
         t = target.to(device=device, dtype=torch.long)
     elif isinstance(target, Sequence) and not isinstance(target, str):
         if len(target) != b:
-            raise ValueError(f"target: expected {b} class indices (one per image), got {len(target)}")
+            raise ValueError(f"{name}: expected {b} class indices (one per image), got {len(target)}")
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in target):
-            raise TypeError(f"target: expected a list of ints, got {list(target)!r}")
+            raise TypeError(f"{name}: expected a list of ints, got {list(target)!r}")
         t = torch.tensor([int(v) for v in target], dtype=torch.long, device=device)
     else:
-        raise TypeError(f"target: expected int | list[int] | LongTensor (B,) | None, got {type(target).__name__}")
+        raise TypeError(f"{name}: expected int | list[int] | LongTensor (B,) | None, got {type(target).__name__}")
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
         bad = t[(t < 0) | (t >= c)].tolist()
-        raise ValueError(f"target: class indices must lie in [0, {c - 1}] for this {c}-class explanandum, "
+        raise ValueError(f"{name}: class indices must lie in [0, {c - 1}] for this {c}-class explanandum, "
                          f"got {bad}")
     return t
 

@@ -51,7 +51,7 @@ def targets_to_index(targets: Any, batch: int, num_classes: int, device=None) ->
     """
     from explainer.methods.base import check_targets
 
-    return check_targets(targets, batch, num_classes, device)
+    return check_targets(targets, batch, num_classes, device, name="targets")
 
 
 def pick_present(present: torch.Tensor, index: torch.Tensor, step: int) -> torch.Tensor:
