@@ -69,21 +69,13 @@ def resolve_target(f, x: torch.Tensor, target: Target, max_batch: int = 256) -> 
     if target is None:
         with torch.no_grad():
             return torch.cat([f(x[i:i + max_batch]).argmax(1) for i in range(0, n, max_batch)]).to(x.device)
-    if isinstance(target, bool):
-        raise ValueError(f"target: expected int, list of ints, LongTensor (N,) or None, got {target!r}")
-    if isinstance(target, int):
-        t = torch.full((n,), target, dtype=torch.long, device=x.device)
-    else:
-        t = torch.as_tensor(target, device=x.device)
-        if t.is_floating_point() or t.dim() != 1 or t.shape[0] != n:
-            raise ValueError(f"target: expected {n} integer class indices (one per image), "
-                             f"got {tuple(t.shape)} of dtype {t.dtype}")
-        t = t.long()
+    from explainer.methods.base import check_targets  # the project's one target vocabulary
+
     num_classes = getattr(f, "num_classes", None)
-    if n and (int(t.min()) < 0 or (num_classes is not None and int(t.max()) >= num_classes)):
-        raise ValueError(f"target: class indices must lie in [0, {num_classes}), got range "
-                         f"[{int(t.min())}, {int(t.max())}]")
-    return t
+    try:
+        return check_targets(target, n, num_classes if num_classes is not None else 2**62, x.device)
+    except TypeError as err:  # metrics report every bad target as a ValueError
+        raise ValueError(str(err)) from err
 
 
 def check_max_batch(max_batch: int) -> int:
