@@ -59,17 +59,47 @@ def check_lr(lr: Any) -> float:
     return float(lr)
 
 
+OBJECTIVE_KEYS = ("lambda_mask", "lambda_inverse", "baseline", "mask_penalty")
+
+
+def check_objective(objective: Any) -> dict:
+    """Finetuning-time settings of the objective that replace the pretraining ones (None: keep them all)."""
+    if objective is None:
+        return {}
+    if not isinstance(objective, dict):
+        raise TypeError(f"objective: expected a dict of {list(OBJECTIVE_KEYS)}, got {type(objective).__name__}")
+    unknown = sorted(set(objective) - set(OBJECTIVE_KEYS))
+    if unknown:
+        raise ValueError(f"objective: unknown key(s) {unknown}; expected among {list(OBJECTIVE_KEYS)}")
+    out = {k: v for k, v in objective.items() if v is not None}
+    for k in ("lambda_mask", "lambda_inverse"):
+        if k in out and (isinstance(out[k], bool) or not isinstance(out[k], (int, float)) or not out[k] >= 0):
+            raise ValueError(f"objective: {k} must be a number >= 0, got {out[k]!r}")
+    if "baseline" in out:
+        from explainer.masking import check_baseline
+
+        check_baseline(out["baseline"])
+    if out.get("mask_penalty", "mean") not in ("mean", "softplus"):
+        raise ValueError(f"objective: mask_penalty must be 'mean' or 'softplus', got {out['mask_penalty']!r}")
+    return out
+
+
 @contextlib.contextmanager
-def _finetuning(module) -> Iterator[None]:
-    """Explainer in eval mode (frozen BN statistics, no dropout), explanandum checks off; restored on exit."""
-    net, f = module.net, module.explanandum
+def _finetuning(module, objective: dict | None = None) -> Iterator[None]:
+    """Explainer in eval mode (frozen BN statistics, no dropout), explanandum checks off, the finetuning
+    ``objective`` settings in place of the pretraining ones; all restored on exit."""
+    net, f, hp = module.net, module.explanandum, module.hparams
     was_training, old_validate = net.training, getattr(f, "validate", True)
+    objective = objective or {}
+    saved = {k: hp[k] for k in objective}
     net.eval()
     f.validate = False  # the loop feeds masked images it built from checked inputs
     try:
+        hp.update(objective)
         with torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
+        hp.update(saved)
         net.train(was_training)
         f.validate = old_validate
 
@@ -98,7 +128,8 @@ def _optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
 
 
 def finetune(module, x: torch.Tensor, targets: Any = None, steps: int = 25, lr: float = 2e-3, *,
-             mode: str | None = None, weight_decay: float | None = None, batch_size: int = 16) -> torch.Tensor:
+             mode: str | None = None, weight_decay: float | None = None, batch_size: int = 16,
+             objective: dict | None = None) -> torch.Tensor:
     """LTX masks: ``steps`` AdamW steps per image from the pretrained explainer, all images at once.
 
     Args:
@@ -113,6 +144,9 @@ def finetune(module, x: torch.Tensor, targets: Any = None, steps: int = 25, lr: 
         weight_decay: AdamW weight decay; None: the pretraining value.
         batch_size: images finetuned together (memory holds one explainer copy,
             plus AdamW state, per image).
+        objective: finetuning settings of the objective in place of the
+            pretraining ones, among ``lambda_mask``, ``lambda_inverse``,
+            ``baseline``, ``mask_penalty`` (None: the pretraining objective).
 
     Returns:
         masks (B, 1, H, W) in [0, 1] of the target classes, on ``x``'s device.
@@ -122,9 +156,10 @@ def finetune(module, x: torch.Tensor, targets: Any = None, steps: int = 25, lr: 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     check_images(x)
+    objective = check_objective(objective)
     wd = module.hparams.weight_decay if weight_decay is None else float(weight_decay)
     out = []
-    with _finetuning(module):
+    with _finetuning(module, objective):
         xd, t, mode = _prepare(module, x, targets, mode)
         for i in range(0, xd.shape[0], batch_size):
             out.append(_finetune_batch(module, xd[i:i + batch_size], t[i:i + batch_size], steps, lr, wd, mode))
@@ -163,7 +198,8 @@ def _finetune_batch(module, x, t, steps, lr, wd, mode) -> torch.Tensor:
 
 
 def finetune_loop(module, x: torch.Tensor, targets: Any = None, steps: int = 25, lr: float = 2e-3, *,
-                  mode: str | None = None, weight_decay: float | None = None) -> torch.Tensor:
+                  mode: str | None = None, weight_decay: float | None = None,
+                  objective: dict | None = None) -> torch.Tensor:
     """The plain reference of :func:`finetune`: one deep copy of the explainer and one AdamW per image.
 
     Same arguments and result as :func:`finetune` (up to floating-point rounding).
@@ -171,10 +207,11 @@ def finetune_loop(module, x: torch.Tensor, targets: Any = None, steps: int = 25,
     check_module(module)
     steps, lr = check_steps(steps), check_lr(lr)
     check_images(x)
+    objective = check_objective(objective)
     wd = module.hparams.weight_decay if weight_decay is None else float(weight_decay)
     f = module.explanandum
     out = []
-    with _finetuning(module):
+    with _finetuning(module, objective):
         xd, t, mode = _prepare(module, x, targets, mode)
         for i in range(xd.shape[0]):
             xi, ti = xd[i:i + 1], t[i:i + 1]
@@ -205,10 +242,10 @@ class FinetunedExplainer:
     """
 
     def __init__(self, module, top_k: int = 1, steps: int = 25, lr: float = 2e-3, batch_size: int = 16,
-                 mode: str | None = None):
+                 mode: str | None = None, objective: dict | None = None):
         check_module(module)
         self.module, self.top_k, self.steps, self.lr = module, top_k, check_steps(steps), check_lr(lr)
-        self.batch_size, self.mode = batch_size, mode
+        self.batch_size, self.mode, self.objective = batch_size, mode, check_objective(objective)
         self.explanandum = module.explanandum
         self.input_size = getattr(module, "input_size", None)
 
@@ -225,7 +262,7 @@ class FinetunedExplainer:
         masks = torch.zeros(x.shape[0], f.num_classes, *x.shape[-2:], device=x.device)
         for j in range(k):
             m = finetune(self.module, x, top[:, j], steps=self.steps, lr=self.lr, mode=self.mode,
-                         batch_size=self.batch_size)
+                         batch_size=self.batch_size, objective=self.objective)
             masks.scatter_(1, top[:, j].view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:]), m)
         return masks
 
@@ -246,7 +283,7 @@ def split_images(voc_root: str, split: str) -> list:
 
 CLI_DEFAULTS = {"checkpoint": None, "images": None, "voc_root": None, "split": "test", "limit": None, "steps": 25,
                 "lr": 2e-3, "mode": None, "top_k": 1, "batch_size": 16, "size": None, "out": None, "device": "cpu",
-                "explanandum": None, "progress": True}
+                "explanandum": None, "progress": True, "objective": None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     folder) or voc_root + split (+ limit: the first N of the split), steps, lr,
     mode, top_k (classes per image, each finetuned), batch_size, size (the
     resolution fed to the explainer; default its trained size), out, device,
-    explanandum (override the recorded classifier). Writes
+    explanandum (override the recorded classifier), objective (finetuning settings
+    of the objective: lambda_mask, lambda_inverse, baseline, mask_penalty). Writes
     ``<stem>_<class>_mask.png``, ``_overlay.png``, ``explanations.json`` and
     ``finetune.json`` (the settings and the seconds per image).
     """
@@ -290,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "pretrained LTX explainer finetuned on each image (settings: a YAML --config).")
     p.add_argument("--config", default=None, help="YAML file of the settings below")
     for key, default in CLI_DEFAULTS.items():
-        kind = {"steps": int, "top_k": int, "batch_size": int, "limit": int, "size": int, "lr": float}.get(key, str)
+        kind = {"steps": int, "top_k": int, "batch_size": int, "limit": int, "size": int, "lr": float,
+                "objective": json.loads}.get(key, str)
         if key == "progress":
             p.add_argument("--progress", type=lambda s: str(s).lower() in ("1", "true", "yes"), default=default)
         else:
@@ -309,13 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.limit is not None:
         files = files[:int(a.limit)]
     wrapped = FinetunedExplainer(module, top_k=a.top_k, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
-                                 mode=a.mode)
+                                 mode=a.mode, objective=a.objective)
     t0 = time.perf_counter()
     explain_files(wrapped, files, a.out, top_k=a.top_k, batch_size=a.batch_size, size=a.size, progress=a.progress)
     seconds = time.perf_counter() - t0
     settings = {k: getattr(a, k) for k in CLI_DEFAULTS}
     settings.update({"num_images": len(files), "seconds_per_image": seconds / max(1, len(files)),
-                     "baseline": module.hparams.baseline, "target_mode": a.mode or module.hparams.target})
+                     "objective": {k: wrapped.objective.get(k, module.hparams[k]) for k in OBJECTIVE_KEYS},
+                     "target_mode": a.mode or module.hparams.target})
     atomic_write_text(Path(a.out) / "finetune.json", json.dumps(settings, indent=1))
     print(f"wrote LTX masks ({a.steps} steps) of {len(files)} image(s) to {a.out}")
     return 0

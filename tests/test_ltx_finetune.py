@@ -111,3 +111,24 @@ def test_finetune_errors(tiny_cnn):
         finetune(m, x, 0, steps=1, mode="soft")
     with pytest.raises(TypeError, match="LTX"):
         finetune(torch.nn.Linear(2, 2), x, 0, steps=1)
+
+
+def test_objective_override_equals_a_module_pretrained_with_it(tiny_cnn):
+    """objective={...} finetunes with those settings (== a module configured with them) and restores the module."""
+    torch.manual_seed(0)
+    m = LTXModule(tiny_cnn, **SMP_TINY, lambda_mask=5.0, baseline="black")
+    other = copy.deepcopy(m)
+    other.hparams.update(lambda_mask=1.0, baseline="mean", lambda_inverse=2.0)
+    x = torch.rand(2, 3, 32, 32)
+    override = {"lambda_mask": 1.0, "baseline": "mean", "lambda_inverse": 2.0}
+    got = finetune(m, x, [1, 3], steps=3, lr=1e-2, objective=override)
+    want = finetune_loop(other, x, [1, 3], steps=3, lr=1e-2)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert torch.allclose(finetune_loop(m, x, [1, 3], steps=3, lr=1e-2, objective=override), want, atol=1e-4)
+    plain = finetune(m, x, [1, 3], steps=3, lr=1e-2)
+    assert (plain - got).abs().max() > 1e-3  # the override changed the result ...
+    assert (m.hparams.lambda_mask, m.hparams.baseline, m.hparams.lambda_inverse) == (5.0, "black", 0.0)  # ... only then
+    for bad, match in (({"lr": 1}, "unknown"), ({"baseline": "white"}, "baseline"),
+                       ({"lambda_mask": -1}, "lambda_mask"), ({"mask_penalty": "l2"}, "mask_penalty"), ([1], "dict")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            finetune(m, x, 0, steps=1, objective=bad)

@@ -71,6 +71,9 @@ class LTXMethod(AmortizedMethod):
         mode: objective target mode; None: the pretraining one. The target
             class is always the one explained (``target``).
         pretrained_only: pLTX, no finetuning (``steps`` unused).
+        objective: finetuning settings of the objective in place of the
+            pretraining ones (``lambda_mask``, ``lambda_inverse``,
+            ``baseline``, ``mask_penalty``); None: the pretraining objective.
         batch_size: images finetuned (or explained) together.
     """
 
@@ -78,13 +81,15 @@ class LTXMethod(AmortizedMethod):
     kind = "ltx"
 
     def __init__(self, f: Any = None, *, checkpoint: str, steps: int = 25, lr: float = 2e-3,
-                 mode: str | None = None, pretrained_only: bool = False, batch_size: int = 16, **options: Any):
-        from explainer.finetune import check_lr, check_steps
+                 mode: str | None = None, pretrained_only: bool = False, batch_size: int = 16,
+                 objective: dict | None = None, **options: Any):
+        from explainer.finetune import check_lr, check_objective, check_steps
 
         self.pretrained_only = bool(pretrained_only)
         self.steps = None if self.pretrained_only else check_steps(steps)
         self.lr = check_lr(lr)
         self.mode = mode
+        self.objective = check_objective(objective)
         super().__init__(f, checkpoint=checkpoint, batch_size=batch_size, **options)
 
     def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -94,7 +99,7 @@ class LTXMethod(AmortizedMethod):
 
         self.module.to(x.device)
         return finetune(self.module, x, target, steps=self.steps, lr=self.lr, mode=self.mode,
-                        batch_size=self.batch_size)
+                        batch_size=self.batch_size, objective=self.objective)
 
 
 @register("pltx")
