@@ -76,6 +76,28 @@ def test_explain_shapes_targets_and_resolution(trained):
     assert torch.allclose(e.explain(x, batch_size=2), all_masks)
 
 
+def test_channels_last_gives_the_same_masks(clf):
+    """channels_last (the default, for speed) changes the memory layout only: the same weights give the same
+    masks in either format, gradients included (float64: no rounding noise), and the weights load across formats."""
+    torch.manual_seed(0)
+    cl = ExplainerModule(**tiny_explainer_kwargs(clf, channels_last=True))
+    plain = ExplainerModule(**tiny_explainer_kwargs(clf, channels_last=False))
+    plain.load_state_dict(cl.state_dict())
+    conv = next(p for p in cl.net.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.rand(3, 3, 80, 64)
+    assert torch.allclose(cl.explain(x), plain.explain(x), atol=1e-5)
+    cl, plain, x = cl.double(), plain.double(), x.double()
+    batch = {"image": x, "labels": torch.tensor([[1.0, 0, 0, 1, 0, 0, 0, 0]] * 3, dtype=torch.float64)}
+    a, b = cl.compute_losses(batch)["loss"], plain.compute_losses(batch)["loss"]
+    assert torch.allclose(a, b, atol=1e-10)
+    a.backward()
+    b.backward()
+    ga = dict(cl.net.named_parameters())
+    for name, p in plain.net.named_parameters():
+        assert torch.allclose(ga[name].grad, p.grad, atol=1e-10), name
+
+
 def test_explain_bad_input(trained):
     e = load(trained[1])
     x = torch.rand(2, 3, 64, 64)

@@ -213,3 +213,25 @@ def test_finetune_cli(tmp_path, trained, tiny_voc):
     cfg.write_text(f"checkpoint: {ckpt}\nout: {out}\nstepz: 3\n")
     with pytest.raises(ValueError, match="stepz"):
         main(["--config", str(cfg)])
+
+
+def test_onnx_export_matches(trained, tmp_path, vit):
+    """LTX exports like the Explainer: ONNX (dynamic batch) matches PyTorch's all-class masks (CNN and ViT)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from explainer.export import export, export_onnx
+
+    _, _, ckpt, _ = trained
+    torch.manual_seed(0)
+    vit_module = LTXModule(vit, lambda_mask=5.0).eval()
+    cases = [(load(ckpt), export(ckpt, "onnx", tmp_path / "ltx.onnx", input_size=64), 64),
+             (vit_module, export_onnx(vit_module, tmp_path / "ltx_vit.onnx", 32), 32)]
+    for module, path, size in cases:
+        x = torch.rand(3, 3, size, size)
+        ref = module.explain(x)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for b in (1, 3):
+            out = sess.run(None, {sess.get_inputs()[0].name: x[:b].numpy()})[0]
+            assert out.shape == (b, 8 if size == 64 else vit.num_classes, size, size)
+            assert np.abs(out - ref[:b].numpy()).max() < 1e-4

@@ -25,7 +25,8 @@ def build_segmentation_net(architecture: str, encoder: str, classes: int, encode
         return smp.create_model(architecture, encoder_name=encoder, encoder_weights=encoder_weights,
                                 classes=classes, **kwargs)
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        raise ValueError(f"encoder: cannot build encoder {encoder!r} for {architecture!r}: {err}") from err
+        raise ValueError(f"encoder/decoder_kwargs: cannot build {architecture!r} with encoder {encoder!r} and "
+                         f"decoder settings {kwargs}: {err}") from err
 
 
 def init_encoder_from(net: nn.Module, source: nn.Module) -> int:
