@@ -209,7 +209,13 @@ def test_finetune_cli(tmp_path, trained, tiny_voc):
     assert len(report) == 2 and all(len(v["top_classes"]) == 2 for v in report.values())
     assert len(list(out.glob("*_mask.png"))) == 4
     settings = json.loads((out / "finetune.json").read_text())
-    assert settings["steps"] == 1 and settings["top_k"] == 2 and settings["baseline"] == "black"
+    assert settings["steps"] == 1 and settings["top_k"] == 2
+    assert settings["objective"] == {"lambda_mask": 5.0, "lambda_inverse": 0.5, "baseline": "black",
+                                     "mask_penalty": "mean"}  # the pretraining objective, recorded
+    assert main(["--config", str(cfg), "--objective", '{"baseline": "mean", "lambda_inverse": 3}']) == 0
+    settings = json.loads((out / "finetune.json").read_text())
+    assert settings["objective"] == {"lambda_mask": 5.0, "lambda_inverse": 3, "baseline": "mean",
+                                     "mask_penalty": "mean"}
     cfg.write_text(f"checkpoint: {ckpt}\nout: {out}\nstepz: 3\n")
     with pytest.raises(ValueError, match="stepz"):
         main(["--config", str(cfg)])
