@@ -5,17 +5,16 @@ same masks (asserted); the benchmark reports seconds per image and the ratio.
 
     python benchmarks/bench_ltx_finetune.py --batch 16 --steps 5 --size 64 --repeats 2
 
-Recorded run (2-core CPU shared with a classifier training and other tests, load average ~6, so
-absolute times are noisy; torch 2.9, tiny explananda, 5 steps, batch 16):
+Recorded run (2-core CPU, idle, torch 2.14.1, tiny explananda, 5 steps, batch 16):
 
     python benchmarks/bench_ltx_finetune.py --batch 16 --steps 5 --size 64 --repeats 2
     setting                     batched s/img  loop s/img   ratio    max f64    max f32   mean f32
-    cnn backbone 64px                  0.1189      0.3831    3.2x    0.0e+00    1.9e-08    6.5e-10
-    cnn smp-unet 64px                  0.1319      0.9343    7.1x    0.0e+00    3.5e-02    9.3e-05
-    vit backbone 32px                  0.0470      0.4395    9.4x    0.0e+00    1.7e-07    1.0e-08
+    cnn backbone 64px                  0.0090      0.0422    4.7x    0.0e+00    1.9e-08    6.5e-10
+    cnn smp-unet 64px                  0.0157      0.0717    4.6x    0.0e+00    3.5e-02    9.3e-05
+    vit backbone 32px                  0.0045      0.0309    6.8x    0.0e+00    1.7e-07    1.0e-08
 
-(an earlier run at lower load: 4.1x, 9.4x, 14.7x). "max f64" is the asserted
-float64 comparison on 4 images; the float32 columns compare the timed runs:
+(an earlier run on a loaded machine: 3.2x, 7.1x, 9.4x at ~10x the absolute times). "max f64" is the
+asserted float64 comparison on 4 images; the float32 columns compare the timed runs:
 in float32 AdamW turns the sign of a ~0 gradient, which rounding decides
 differently for grouped and single convolutions, into a full +-lr step, so a
 rare image drifts (one of 16 here) while the mean stays ~1e-4.
