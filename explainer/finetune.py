@@ -37,6 +37,7 @@ from torch.func import functional_call, vmap
 
 from explainer.explanandum import check_images
 from explainer.modules.explainer import targets_to_index
+from explainer.modules.ltx import check_objective_settings
 
 
 def check_module(module: Any) -> None:
@@ -72,15 +73,10 @@ def check_objective(objective: Any) -> dict:
     if unknown:
         raise ValueError(f"objective: unknown key(s) {unknown}; expected among {list(OBJECTIVE_KEYS)}")
     out = {k: v for k, v in objective.items() if v is not None}
-    for k in ("lambda_mask", "lambda_inverse"):
-        if k in out and (isinstance(out[k], bool) or not isinstance(out[k], (int, float)) or not out[k] >= 0):
-            raise ValueError(f"objective: {k} must be a number >= 0, got {out[k]!r}")
-    if "baseline" in out:
-        from explainer.masking import check_baseline
-
-        check_baseline(out["baseline"])
-    if out.get("mask_penalty", "mean") not in ("mean", "softplus"):
-        raise ValueError(f"objective: mask_penalty must be 'mean' or 'softplus', got {out['mask_penalty']!r}")
+    try:
+        check_objective_settings(**out)
+    except ValueError as err:
+        raise ValueError(f"objective: {err}") from err
     return out
 
 

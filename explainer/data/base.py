@@ -82,7 +82,9 @@ class SegClsDataset(Dataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def load(self, i: int) -> tuple:
+        """(rgb (H, W, 3) uint8, labels (C,), mask (H, W) or None[, extras]): ``extras``, a dict of
+        dataset-specific fields, is optional and added to the sample as it is."""
         raise NotImplementedError
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
@@ -91,7 +93,8 @@ class SegClsDataset(Dataset):
         i, sample_seed = item if isinstance(item, tuple) else (item, None)
         if sample_seed is not None and self.transform is not None:
             self.transform.set_random_seed(sample_seed)
-        rgb, labels, mask = self.load(i)
+        rgb, labels, mask, *more = self.load(i)
+        extras = more[0] if more else {}
         has_mask = mask is not None
         if mask is None:
             mask = np.full(rgb.shape[:2], IGNORE, np.uint8)
@@ -103,11 +106,7 @@ class SegClsDataset(Dataset):
         image = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float().div_(255)
         return {"image": image, "labels": torch.as_tensor(labels, dtype=torch.float32),
                 "mask": torch.from_numpy(np.array(mask, copy=True)).long(),
-                "has_mask": torch.tensor(has_mask), "index": i, **self.extras(i)}
-
-    def extras(self, i: int) -> dict[str, Any]:
-        """Dataset-specific fields added to every sample (called right after ``load(i)``)."""
-        return {}
+                "has_mask": torch.tensor(has_mask), "index": i, **extras}
 
 
 class EpochSeededSampler(DistributedSampler):

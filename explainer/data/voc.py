@@ -95,21 +95,18 @@ class VOCDataset(SegClsDataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def extras(self, i: int) -> dict:
-        """``difficult``: (C,) classes present only as difficult objects (read with the last ``load``)."""
-        return {"difficult": torch.from_numpy(self._difficult)}
-
     def load(self, i: int):
+        """(rgb, labels, mask, {"difficult": (C,) classes present only as difficult objects})."""
         sid = self.ids[i]
         rgb = read_rgb(self.root / "JPEGImages" / f"{sid}.jpg")
-        labels, self._difficult = parse_annotation_full(self.root / "Annotations" / f"{sid}.xml", self.index)
+        labels, difficult = parse_annotation_full(self.root / "Annotations" / f"{sid}.xml", self.index)
         seg = self.root / "SegmentationClass" / f"{sid}.png"
         mask = read_index_png(seg) if seg.is_file() else None
         if mask is not None:
             bad = (mask > self.num_classes) & (mask != IGNORE)
             if bad.any():
                 raise ValueError(f"mask: {str(seg)!r} has class indices above {self.num_classes}")
-        return rgb, labels, mask
+        return rgb, labels, mask, {"difficult": torch.from_numpy(difficult)}
 
 
 class VOCDataModule(ImageDataModule):

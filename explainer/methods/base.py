@@ -87,9 +87,10 @@ def resolve_targets(f: Explanandum, x: torch.Tensor, target: TargetLike) -> torc
     return check_targets(target, x.shape[0], f.num_classes, x.device)
 
 
-def check_targets(target: Any, b: int, c: int, device: torch.device | str | None = None,
+def check_targets(target: Any, b: int, c: int | None, device: torch.device | str | None = None,
                   name: str = "target") -> torch.LongTensor:
-    """int | list[int] | LongTensor (B,) -> LongTensor (B,) of class indices in [0, c - 1]; clear errors otherwise."""
+    """int | list[int] | LongTensor (B,) -> LongTensor (B,) of class indices in [0, c - 1] (c None: >= 0);
+    clear errors otherwise."""
     if target is None:
         raise TypeError(f"{name}: expected int | list[int] | LongTensor (B,), got None")
     if isinstance(target, bool):
@@ -112,6 +113,10 @@ def check_targets(target: Any, b: int, c: int, device: torch.device | str | None
         t = torch.tensor([int(v) for v in target], dtype=torch.long, device=device)
     else:
         raise TypeError(f"{name}: expected int | list[int] | LongTensor (B,) | None, got {type(target).__name__}")
+    if c is None:  # no known class count: indices must only be >= 0
+        if t.numel() and int(t.min()) < 0:
+            raise ValueError(f"{name}: class indices must be >= 0, got {t[t < 0].tolist()}")
+        return t
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
         bad = t[(t < 0) | (t >= c)].tolist()
         raise ValueError(f"{name}: class indices must lie in [0, {c - 1}] for this {c}-class explanandum, "

@@ -71,9 +71,8 @@ def resolve_target(f, x: torch.Tensor, target: Target, max_batch: int = 256) -> 
             return torch.cat([f(x[i:i + max_batch]).argmax(1) for i in range(0, n, max_batch)]).to(x.device)
     from explainer.methods.base import check_targets  # the project's one target vocabulary
 
-    num_classes = getattr(f, "num_classes", None)
     try:
-        return check_targets(target, n, num_classes if num_classes is not None else 2**62, x.device)
+        return check_targets(target, n, getattr(f, "num_classes", None), x.device)
     except TypeError as err:  # metrics report every bad target as a ValueError
         raise ValueError(str(err)) from err
 

@@ -61,6 +61,20 @@ from explainer.nets.segmentation import build_segmentation_net, init_encoder_fro
 
 TARGET_MODES = ("groundtruth", "predicted", "kl")
 NETWORKS = ("backbone", "smp")
+MASK_PENALTIES = ("mean", "softplus")
+
+
+def check_objective_settings(**settings: Any) -> None:
+    """Validate settings of the counterfactual objective (any of baseline, mask_penalty, lambda_mask,
+    lambda_inverse): at construction and when finetuning replaces them."""
+    if "baseline" in settings:
+        check_baseline(settings["baseline"])
+    if "mask_penalty" in settings and settings["mask_penalty"] not in MASK_PENALTIES:
+        raise ValueError(f"mask_penalty: expected one of {MASK_PENALTIES}, got {settings['mask_penalty']!r}")
+    for name in ("lambda_mask", "lambda_inverse"):
+        v = settings.get(name, 0.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or v != v:
+            raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
 
 
 def _is_vit(model: nn.Module) -> bool:
@@ -185,16 +199,12 @@ class LTXModule(AmortizedExplainerModule):
                  optimizer: str = "adamw", lr_schedule: str = "linear", warmup_steps: int = 0,
                  explanandum_fingerprint: str | None = None):
         super().__init__()
-        check_baseline(baseline)
+        check_objective_settings(baseline=baseline, mask_penalty=mask_penalty, lambda_mask=lambda_mask,
+                                 lambda_inverse=lambda_inverse)
         if target not in TARGET_MODES:
             raise ValueError(f"target: expected one of {TARGET_MODES}, got {target!r}")
         if network not in NETWORKS:
             raise ValueError(f"network: expected one of {NETWORKS}, got {network!r}")
-        if mask_penalty not in ("mean", "softplus"):
-            raise ValueError(f"mask_penalty: expected 'mean' or 'softplus', got {mask_penalty!r}")
-        for name, v in (("lambda_mask", lambda_mask), ("lambda_inverse", lambda_inverse)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or v != v:
-                raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
         self._setup_explanandum(explanandum, explanandum_fingerprint)
         self.save_hyperparameters(ignore=["explanandum"])
         self.hparams.explanandum = self.explanandum.spec
