@@ -60,7 +60,8 @@ def check_lr(lr: Any) -> float:
     return float(lr)
 
 
-OBJECTIVE_KEYS = ("lambda_mask", "lambda_inverse", "baseline", "mask_penalty")
+OBJECTIVE_KEYS = ("lambda_mask", "lambda_inverse", "baseline", "mask_penalty", "kl_scope", "lambda_curve",
+                  "curve_areas", "curve_temperature")
 
 
 def check_objective(objective: Any) -> dict:
@@ -87,7 +88,8 @@ def _finetuning(module, objective: dict | None = None) -> Iterator[None]:
     net, f, hp = module.net, module.explanandum, module.hparams
     was_training, old_validate = net.training, getattr(f, "validate", True)
     objective = objective or {}
-    saved = {k: hp[k] for k in objective}
+    missing = [k for k in objective if k not in hp]  # settings newer than the checkpoint
+    saved = {k: hp[k] for k in objective if k in hp}
     net.eval()
     f.validate = False  # the loop feeds masked images it built from checked inputs
     try:
@@ -96,6 +98,8 @@ def _finetuning(module, objective: dict | None = None) -> Iterator[None]:
             yield
     finally:
         hp.update(saved)
+        for k in missing:
+            hp.pop(k, None)
         net.train(was_training)
         f.validate = old_validate
 
@@ -142,7 +146,8 @@ def finetune(module, x: torch.Tensor, targets: Any = None, steps: int = 25, lr: 
             plus AdamW state, per image).
         objective: finetuning settings of the objective in place of the
             pretraining ones, among ``lambda_mask``, ``lambda_inverse``,
-            ``baseline``, ``mask_penalty`` (None: the pretraining objective).
+            ``baseline``, ``mask_penalty``, ``kl_scope``, ``lambda_curve``,
+            ``curve_areas``, ``curve_temperature`` (None: the pretraining objective).
 
     Returns:
         masks (B, 1, H, W) in [0, 1] of the target classes, on ``x``'s device.
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     settings = {k: getattr(a, k) for k in CLI_DEFAULTS}
     settings.update({"num_images": len(files), "seconds_per_image": seconds / max(1, len(files)),
-                     "objective": {k: wrapped.objective.get(k, module.hparams[k]) for k in OBJECTIVE_KEYS},
+                     "objective": {k: wrapped.objective.get(k, module.hparams.get(k)) for k in OBJECTIVE_KEYS},
                      "target_mode": a.mode or module.hparams.target})
     atomic_write_text(Path(a.out) / "finetune.json", json.dumps(settings, indent=1))
     print(f"wrote LTX masks ({a.steps} steps) of {len(files)} image(s) to {a.out}")

@@ -62,6 +62,32 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, multilabel: 
     return F.cross_entropy(logits.float(), labels.argmax(1))
 
 
+def soft_top_area(z: torch.Tensor, area: float, temperature: float) -> torch.Tensor:
+    """A soft mask of the ``area`` fraction of highest logits per map: ``sigmoid((z - q) / (t * std(z)))``.
+
+    ``q`` is each map's ``1 - area`` quantile and ``std(z)`` its spread (both
+    held constant in the gradient), so the mask is ~1 on the top ``area`` of
+    the pixels whatever the logits' scale, and its gradient moves the pixels
+    near the threshold: it ranks the pixels, as deletion and insertion curves
+    read them.
+
+    Args:
+        z: mask logits (P, 1, H, W).
+        area: fraction in (0, 1).
+        temperature: ``t`` > 0 (smaller: harder).
+    """
+    zf = z.flatten(1)
+    q = torch.quantile(zf.detach().float(), 1 - area, dim=1).to(z.dtype)
+    scale = zf.detach().std(1).clamp_min(1e-6) * temperature
+    return torch.sigmoid((z - q.view(-1, 1, 1, 1)) / scale.view(-1, 1, 1, 1))
+
+
+def _log1mexp(logp: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(logp))`` for log-probabilities ``logp <= 0``, accurate near 0 and near -inf."""
+    logp = logp.clamp(max=-1e-7)
+    return torch.where(logp > -0.6931, torch.log(-torch.expm1(logp)), torch.log1p(-torch.exp(logp)))
+
+
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return per_sample.mean()
@@ -71,7 +97,7 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def counterfactual_loss(logits_masked: torch.Tensor, target, mode: str, multilabel: bool,
-                        reduction: str = "mean") -> torch.Tensor:
+                        reduction: str = "mean", classes: torch.Tensor | None = None) -> torch.Tensor:
     """LTX's ``D(f(x masked by m), target)`` (Barkan et al., 2023), per image then averaged.
 
     Modes:
@@ -89,10 +115,23 @@ def counterfactual_loss(logits_masked: torch.Tensor, target, mode: str, multilab
 
     Args:
         reduction: ``"mean"`` over images (a scalar) or ``"none"`` (B,).
+        classes: ``"kl"`` only: multi-hot (B, C) classes whose probability
+            alone must be kept (a class-specific mask need not keep the
+            others'): the Bernoulli KL of each such class's probability
+            (sigmoid, or softmax for single-label models), summed. None: the
+            whole distribution.
     """
     lm = logits_masked.float()
     if mode == "kl":
         t = target.float().detach()
+        if classes is not None:
+            if classes.shape != t.shape:
+                raise ValueError(f"classes: expected multi-hot {tuple(t.shape)} like the logits, "
+                                 f"got {tuple(classes.shape)}")
+            lp, lq = (F.logsigmoid(t), F.logsigmoid(lm)) if multilabel else (t.log_softmax(1), lm.log_softmax(1))
+            ln_p, ln_q = _log1mexp(lp), _log1mexp(lq)
+            per = lp.exp() * (lp - lq) + ln_p.exp() * (ln_p - ln_q)
+            return _reduce((per * classes.float()).sum(1), reduction)
         if multilabel:
             p = torch.sigmoid(t)
             per = (F.binary_cross_entropy_with_logits(lm, p, reduction="none")

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from explainer import losses
@@ -54,3 +55,27 @@ def test_counterfactual_modes():
         assert losses.counterfactual_loss(torch.zeros(1, 3), t, "kl", ml).item() > 0
     ce = losses.counterfactual_loss(t, t, "predicted", False)
     assert torch.allclose(ce, torch.nn.functional.cross_entropy(t, torch.tensor([0])))
+
+
+def test_counterfactual_kl_of_target_classes_against_plain_formula():
+    g = torch.Generator().manual_seed(0)
+    t, lm = torch.randn(4, 5, generator=g, dtype=torch.float64) * 3, torch.randn(4, 5, generator=g,
+                                                                                  dtype=torch.float64) * 3
+    classes = torch.zeros(4, 5)
+    classes[0, 1] = classes[1, 0] = classes[1, 3] = classes[3, 4] = 1  # image 2 has none: 0
+    for ml in (False, True):
+        p, q = (torch.sigmoid(t), torch.sigmoid(lm)) if ml else (t.softmax(1), lm.softmax(1))
+        want = torch.zeros(4, dtype=torch.float64)
+        for b, c in classes.nonzero().tolist():  # binary KL of each kept class's probability
+            pb, qb = float(p[b, c]), float(q[b, c])
+            want[b] += pb * math.log(pb / qb) + (1 - pb) * math.log((1 - pb) / (1 - qb))
+        got = losses.counterfactual_loss(lm, t, "kl", ml, reduction="none", classes=classes)
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6), (ml, got, want)
+        # another class's probability moving does not count; the kept class's does
+        moved = lm.clone()
+        moved[0, 2] += 5
+        assert torch.isclose(losses.counterfactual_loss(moved, t, "kl", True, "none", classes)[0],
+                             losses.counterfactual_loss(lm, t, "kl", True, "none", classes)[0])
+        assert losses.counterfactual_loss(t, t, "kl", ml, "none", classes).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="classes: expected multi-hot"):
+        losses.counterfactual_loss(lm, t, "kl", True, classes=classes[:, :3])

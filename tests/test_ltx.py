@@ -210,12 +210,12 @@ def test_finetune_cli(tmp_path, trained, tiny_voc):
     assert len(list(out.glob("*_mask.png"))) == 4
     settings = json.loads((out / "finetune.json").read_text())
     assert settings["steps"] == 1 and settings["top_k"] == 2
-    assert settings["objective"] == {"lambda_mask": 5.0, "lambda_inverse": 0.5, "baseline": "black",
-                                     "mask_penalty": "mean"}  # the pretraining objective, recorded
+    recorded = {"lambda_mask": 5.0, "lambda_inverse": 0.5, "baseline": "black", "mask_penalty": "mean",
+                "kl_scope": "all", "lambda_curve": 0.0, "curve_areas": [0.05, 0.1, 0.25, 0.5], "curve_temperature": 0.1}
+    assert settings["objective"] == recorded  # the pretraining objective, recorded
     assert main(["--config", str(cfg), "--objective", '{"baseline": "mean", "lambda_inverse": 3}']) == 0
     settings = json.loads((out / "finetune.json").read_text())
-    assert settings["objective"] == {"lambda_mask": 5.0, "lambda_inverse": 3, "baseline": "mean",
-                                     "mask_penalty": "mean"}
+    assert settings["objective"] == {**recorded, "lambda_inverse": 3, "baseline": "mean"}
     cfg.write_text(f"checkpoint: {ckpt}\nout: {out}\nstepz: 3\n")
     with pytest.raises(ValueError, match="stepz"):
         main(["--config", str(cfg)])

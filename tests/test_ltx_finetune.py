@@ -22,7 +22,9 @@ def _state(module):
 
 
 SETTINGS = {"cnn-backbone": ({}, 64), "cnn-smp": (SMP_TINY, 32), "vit-backbone": ({"lambda_inverse": 1.0}, 32),
-            "vit-agnostic-kl": ({"class_agnostic": True, "target": "kl"}, 32)}
+            "vit-agnostic-kl": ({"class_agnostic": True, "target": "kl"}, 32),
+            "cnn-smp-kl-target-curve": ({**SMP_TINY, "target": "kl", "kl_scope": "target", "lambda_inverse": 1.0,
+                                         "lambda_curve": 1.0, "curve_areas": (0.1, 0.3)}, 32)}
 
 
 @pytest.mark.parametrize("which", list(SETTINGS))
@@ -129,6 +131,50 @@ def test_objective_override_equals_a_module_pretrained_with_it(tiny_cnn):
     assert (plain - got).abs().max() > 1e-3  # the override changed the result ...
     assert (m.hparams.lambda_mask, m.hparams.baseline, m.hparams.lambda_inverse) == (5.0, "black", 0.0)  # ... only then
     for bad, match in (({"lr": 1}, "unknown"), ({"baseline": "white"}, "baseline"),
-                       ({"lambda_mask": -1}, "lambda_mask"), ({"mask_penalty": "l2"}, "mask_penalty"), ([1], "dict")):
+                       ({"lambda_mask": -1}, "lambda_mask"), ({"mask_penalty": "l2"}, "mask_penalty"), ([1], "dict"),
+                       ({"kl_scope": "some"}, "kl_scope"), ({"lambda_curve": -1}, "lambda_curve"),
+                       ({"curve_areas": [0.1, 1.0]}, "curve_areas"), ({"curve_areas": []}, "curve_areas"),
+                       ({"curve_temperature": 0}, "curve_temperature")):
         with pytest.raises((ValueError, TypeError), match=match):
             finetune(m, x, 0, steps=1, objective=bad)
+
+
+def test_curve_term_against_plain_computation(tiny_cnn):
+    """lambda_curve adds, per area a, D(f(x masked by m_a)) + L_inv(f(x masked by 1 - m_a)), averaged over the
+    areas, with m_a the soft top-a of the mask: checked against one explanandum call per masked image."""
+    import torch.nn.functional as F
+
+    from explainer import losses
+
+    torch.manual_seed(0)
+    areas = (0.1, 0.25, 0.5)
+    m = LTXModule(tiny_cnn, **SMP_TINY, target="kl", kl_scope="target", baseline="mean", lambda_mask=2.0,
+                  lambda_inverse=0.5, lambda_curve=3.0, curve_areas=areas, curve_temperature=0.2).eval()
+    f = m.explanandum
+    x = torch.rand(2, 3, 32, 32)
+    z = torch.randn(2, 1, 32, 32) * 2
+    t = F.one_hot(torch.tensor([1, 3]), f.num_classes).float()
+    with torch.no_grad():
+        logits = f(x)
+        out = m.objective(x, z, t, logits)
+    for i in range(2):
+        xi, zi, ti, li = x[i:i + 1], z[i:i + 1], t[i:i + 1], logits[i:i + 1]
+        q = torch.quantile(zi.flatten(), torch.tensor([1 - a for a in areas]))
+        scale = zi.flatten().std() * 0.2
+        parts = []
+        for j in range(len(areas)):
+            ma = torch.sigmoid((zi - q[j]) / scale)
+            with torch.no_grad():
+                keep = f(m.mask(xi, ma))
+                gone = f(m.mask(xi, 1 - ma))
+            p, pk = torch.sigmoid(li[0]), torch.sigmoid(keep[0])
+            c = int(ti.argmax())
+            kl = p[c] * torch.log(p[c] / pk[c]) + (1 - p[c]) * torch.log((1 - p[c]) / (1 - pk[c]))
+            parts.append(kl - torch.log(1 - torch.sigmoid(gone[0, c])))
+            # the soft top-a mask covers about the top a of the pixels
+            assert abs(float((ma > 0.5).float().mean()) - areas[j]) < 0.02
+        assert torch.isclose(out["curve"][i], torch.stack(parts).mean(), rtol=1e-4, atol=1e-5)
+    base = out["prediction"] + 2.0 * out["mask"] + 0.5 * out["inverse"]
+    assert torch.allclose(out["loss"], base + 3.0 * out["curve"], atol=1e-5)
+    # it reads only the ranking: any increasing affine map of the logits gives the same soft masks
+    assert torch.allclose(losses.soft_top_area(z, 0.2, 0.1), losses.soft_top_area(3 * z - 1, 0.2, 0.1), atol=1e-5)

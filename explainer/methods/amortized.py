@@ -73,7 +73,8 @@ class LTXMethod(AmortizedMethod):
         pretrained_only: pLTX, no finetuning (``steps`` unused).
         objective: finetuning settings of the objective in place of the
             pretraining ones (``lambda_mask``, ``lambda_inverse``,
-            ``baseline``, ``mask_penalty``); None: the pretraining objective.
+            ``baseline``, ``mask_penalty``, ``kl_scope``, ``lambda_curve``, ``curve_areas``,
+            ``curve_temperature``); None: the pretraining objective.
         batch_size: images finetuned (or explained) together.
     """
 

@@ -13,12 +13,21 @@ weights (LTX; :func:`explainer.finetune.finetune`).
   labels), ``"predicted"`` (CE/BCE to the classifier's own hard prediction on
   the unmasked image) or ``"kl"`` (KL to its full predicted distribution);
   see :func:`explainer.losses.counterfactual_loss`.
+  ``kl_scope="target"`` keeps only the explained class's probability (a
+  Bernoulli KL of that class) instead of the whole distribution, so that a
+  class-specific mask need not also keep the other classes' evidence.
 * ``R(m)`` (``mask_penalty``): the mean of the mask; ``"softplus"`` is the
   official code's ``mean(softplus(sigmoid(z)))``, practically an L1 with a
   slope of about 0.6 (:func:`explainer.losses.mask_sparsity`).
 * ``L_inv`` (``lambda_inverse`` > 0): the target classes must get no
   probability from what lies outside the mask
   (:func:`explainer.losses.inverse_mask_loss`).
+* ``L_curve`` (``lambda_curve`` > 0; not in the paper, an option of this
+  project): the same two conditions on the soft top ``a`` of the mask for
+  each area ``a`` of ``curve_areas`` (:func:`explainer.losses.soft_top_area`),
+  ``D(f(x masked by m_a)) + L_inv(f(x masked by 1 - m_a))`` averaged over the
+  areas, with ``D``'s target: what insertion and deletion curves read (the
+  ranking of the pixels), as a differentiable loss.
 * Masking ``x_m = m x + (1 - m) b`` with the baseline ``b`` (default
   ``"black"``, the LTX paper's).
 
@@ -62,16 +71,30 @@ from explainer.nets.segmentation import build_segmentation_net, init_encoder_fro
 TARGET_MODES = ("groundtruth", "predicted", "kl")
 NETWORKS = ("backbone", "smp")
 MASK_PENALTIES = ("mean", "softplus")
+KL_SCOPES = ("all", "target")
+CURVE_AREAS, CURVE_TEMPERATURE = (0.05, 0.1, 0.25, 0.5), 0.1
 
 
 def check_objective_settings(**settings: Any) -> None:
     """Validate settings of the counterfactual objective (any of baseline, mask_penalty, lambda_mask,
-    lambda_inverse): at construction and when finetuning replaces them."""
+    lambda_inverse, kl_scope, lambda_curve, curve_areas, curve_temperature): at construction and when
+    finetuning replaces them."""
+    if "curve_areas" in settings:
+        a = settings["curve_areas"]
+        if not isinstance(a, (list, tuple)) or not a or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in a):
+            raise ValueError(f"curve_areas: expected a non-empty list of fractions in (0, 1), got {a!r}")
+    if "curve_temperature" in settings:
+        t = settings["curve_temperature"]
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0 or t == float("inf"):
+            raise ValueError(f"curve_temperature: expected a number > 0, got {t!r}")
+    if "kl_scope" in settings and settings["kl_scope"] not in KL_SCOPES:
+        raise ValueError(f"kl_scope: expected one of {KL_SCOPES}, got {settings['kl_scope']!r}")
     if "baseline" in settings:
         check_baseline(settings["baseline"])
     if "mask_penalty" in settings and settings["mask_penalty"] not in MASK_PENALTIES:
         raise ValueError(f"mask_penalty: expected one of {MASK_PENALTIES}, got {settings['mask_penalty']!r}")
-    for name in ("lambda_mask", "lambda_inverse"):
+    for name in ("lambda_mask", "lambda_inverse", "lambda_curve"):
         v = settings.get(name, 0.0)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or v != v:
             raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
@@ -178,6 +201,10 @@ class LTXModule(AmortizedExplainerModule):
             and ResNet, 30 for ViT-S).
         mask_penalty: ``"mean"`` (R = mean(m)) or ``"softplus"`` (the official code's).
         lambda_inverse: weight of the inverse-mask term (0: off, the default).
+        kl_scope: ``target="kl"`` only: ``"all"`` keeps the whole predicted
+            distribution, ``"target"`` only the row's target class(es).
+        lambda_curve, curve_areas, curve_temperature: weight (0: off), areas
+            and temperature of the curve term (see the module docstring).
         freeze_bn: keep the explainer's batch-norm layers in eval mode (running
             statistics frozen, affine weights trained) during pretraining, as the
             official CNN explainer does. None: True for ``"backbone"``, False for
@@ -195,12 +222,16 @@ class LTXModule(AmortizedExplainerModule):
                  decoder_kwargs: dict | None = None, decoder_hidden: int | None = None,
                  class_agnostic: bool = False, target: str = "groundtruth", baseline: str = "black",
                  lambda_mask: float = 50.0, mask_penalty: str = "mean", lambda_inverse: float = 0.0,
+                 kl_scope: str = "all", lambda_curve: float = 0.0, curve_areas: tuple = CURVE_AREAS,
+                 curve_temperature: float = CURVE_TEMPERATURE,
                  freeze_bn: bool | None = None, lr: float = 2e-3, weight_decay: float = 0.0,
                  optimizer: str = "adamw", lr_schedule: str = "linear", warmup_steps: int = 0,
                  explanandum_fingerprint: str | None = None):
         super().__init__()
         check_objective_settings(baseline=baseline, mask_penalty=mask_penalty, lambda_mask=lambda_mask,
-                                 lambda_inverse=lambda_inverse)
+                                 lambda_inverse=lambda_inverse, kl_scope=kl_scope,
+                                 lambda_curve=lambda_curve, curve_areas=curve_areas,
+                                 curve_temperature=curve_temperature)
         if target not in TARGET_MODES:
             raise ValueError(f"target: expected one of {TARGET_MODES}, got {target!r}")
         if network not in NETWORKS:
@@ -280,22 +311,36 @@ class LTXModule(AmortizedExplainerModule):
 
         Returns:
             ``prediction`` (D), ``mask`` (R(m)), ``inverse`` (when
-            ``lambda_inverse`` > 0), ``area`` (mean of m) and ``loss``.
+            ``lambda_inverse`` > 0), ``curve`` (when ``lambda_curve`` > 0),
+            ``area`` (mean of m) and ``loss``.
         """
         hp, f = self.hparams, self.explanandum
         mode = mode or hp.target
+        scope = targets if mode == "kl" and hp.get("kl_scope", "all") == "target" else None
+
+        def keep(masks: list) -> list:  # D of x masked by each mask, one explanandum pass for all
+            lms = f(torch.cat([self.mask(x, mk) for mk in masks])).chunk(len(masks))
+            if mode == "kl":
+                return [losses.counterfactual_loss(lm, logits, "kl", f.multilabel, "none", classes=scope)
+                        for lm in lms]
+            return [losses.counterfactual_loss(lm, targets, "groundtruth", f.multilabel, "none") for lm in lms]
+
+        def remove(masks: list) -> list:  # L_inv of x masked by 1 - each mask
+            lms = f(torch.cat([self.mask(x, 1 - mk) for mk in masks])).chunk(len(masks))
+            return [losses.inverse_mask_loss(lm, targets, f.multilabel, reduction="none") for lm in lms]
+
         m = torch.sigmoid(z)
-        lm = f(self.mask(x, m))
-        if mode == "kl":
-            d = losses.counterfactual_loss(lm, logits, "kl", f.multilabel, reduction="none")
-        else:
-            d = losses.counterfactual_loss(lm, targets, "groundtruth", f.multilabel, reduction="none")
+        d = keep([m])[0]
         out = {"prediction": d, "mask": losses.mask_sparsity(m, hp.mask_penalty, reduction="none")}
         loss = d + hp.lambda_mask * out["mask"]
         if hp.lambda_inverse:
-            out["inverse"] = losses.inverse_mask_loss(f(self.mask(x, 1 - m)), targets, f.multilabel,
-                                                      reduction="none")
+            out["inverse"] = remove([m])[0]
             loss = loss + hp.lambda_inverse * out["inverse"]
+        if hp.get("lambda_curve", 0.0):
+            areas, temp = hp.get("curve_areas", CURVE_AREAS), hp.get("curve_temperature", CURVE_TEMPERATURE)
+            tops = [losses.soft_top_area(z, float(a), temp) for a in areas]
+            out["curve"] = (torch.stack(keep(tops)) + torch.stack(remove(tops))).mean(0)
+            loss = loss + hp.lambda_curve * out["curve"]
         out["area"] = m.detach().flatten(1).mean(1)
         out["loss"] = loss
         return out
