@@ -88,8 +88,7 @@ def _finetuning(module, objective: dict | None = None) -> Iterator[None]:
     net, f, hp = module.net, module.explanandum, module.hparams
     was_training, old_validate = net.training, getattr(f, "validate", True)
     objective = objective or {}
-    missing = [k for k in objective if k not in hp]  # settings newer than the checkpoint
-    saved = {k: hp[k] for k in objective if k in hp}
+    saved = {k: hp[k] for k in objective}
     net.eval()
     f.validate = False  # the loop feeds masked images it built from checked inputs
     try:
@@ -98,8 +97,6 @@ def _finetuning(module, objective: dict | None = None) -> Iterator[None]:
             yield
     finally:
         hp.update(saved)
-        for k in missing:
-            hp.pop(k, None)
         net.train(was_training)
         f.validate = old_validate
 
@@ -355,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     settings = {k: getattr(a, k) for k in CLI_DEFAULTS}
     settings.update({"num_images": len(files), "seconds_per_image": seconds / max(1, len(files)),
-                     "objective": {k: wrapped.objective.get(k, module.hparams.get(k)) for k in OBJECTIVE_KEYS},
+                     "objective": {k: wrapped.objective.get(k, module.hparams[k]) for k in OBJECTIVE_KEYS},
                      "target_mode": a.mode or module.hparams.target})
     atomic_write_text(Path(a.out) / "finetune.json", json.dumps(settings, indent=1))
     print(f"wrote LTX masks ({a.steps} steps) of {len(files)} image(s) to {a.out}")

@@ -316,7 +316,7 @@ class LTXModule(AmortizedExplainerModule):
         """
         hp, f = self.hparams, self.explanandum
         mode = mode or hp.target
-        scope = targets if mode == "kl" and hp.get("kl_scope", "all") == "target" else None
+        scope = targets if mode == "kl" and hp.kl_scope == "target" else None
 
         def keep(masks: list) -> list:  # D of x masked by each mask, one explanandum pass for all
             lms = f(torch.cat([self.mask(x, mk) for mk in masks])).chunk(len(masks))
@@ -336,9 +336,8 @@ class LTXModule(AmortizedExplainerModule):
         if hp.lambda_inverse:
             out["inverse"] = remove([m])[0]
             loss = loss + hp.lambda_inverse * out["inverse"]
-        if hp.get("lambda_curve", 0.0):
-            areas, temp = hp.get("curve_areas", CURVE_AREAS), hp.get("curve_temperature", CURVE_TEMPERATURE)
-            tops = [losses.soft_top_area(z, float(a), temp) for a in areas]
+        if hp.lambda_curve:
+            tops = [losses.soft_top_area(z, float(a), hp.curve_temperature) for a in hp.curve_areas]
             out["curve"] = (torch.stack(keep(tops)) + torch.stack(remove(tops))).mean(0)
             loss = loss + hp.lambda_curve * out["curve"]
         out["area"] = m.detach().flatten(1).mean(1)
