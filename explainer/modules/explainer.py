@@ -327,11 +327,11 @@ class ExplainerModule(AmortizedExplainerModule):
     # while fitting, the frozen explanandum also runs channels-last (it is called three times per step on
     # masked images, most of a step's time); its layout is restored when fitting ends
     def on_fit_start(self) -> None:
-        if self.hparams.get("channels_last", False):
+        if self.hparams.channels_last:
             self.explanandum.model.to(memory_format=torch.channels_last)
 
     def on_fit_end(self) -> None:
-        if self.hparams.get("channels_last", False):
+        if self.hparams.channels_last:
             self.explanandum.model.to(memory_format=torch.contiguous_format)
 
     def validation_step(self, batch, batch_idx):

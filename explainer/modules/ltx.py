@@ -317,28 +317,28 @@ class LTXModule(AmortizedExplainerModule):
         hp, f = self.hparams, self.explanandum
         mode = mode or hp.target
         scope = targets if mode == "kl" and hp.kl_scope == "target" else None
-
-        def keep(masks: list) -> list:  # D of x masked by each mask, one explanandum pass for all
-            lms = f(torch.cat([self.mask(x, mk) for mk in masks])).chunk(len(masks))
-            if mode == "kl":
-                return [losses.counterfactual_loss(lm, logits, "kl", f.multilabel, "none", classes=scope)
-                        for lm in lms]
-            return [losses.counterfactual_loss(lm, targets, "groundtruth", f.multilabel, "none") for lm in lms]
-
-        def remove(masks: list) -> list:  # L_inv of x masked by 1 - each mask
-            lms = f(torch.cat([self.mask(x, 1 - mk) for mk in masks])).chunk(len(masks))
-            return [losses.inverse_mask_loss(lm, targets, f.multilabel, reduction="none") for lm in lms]
-
         m = torch.sigmoid(z)
-        d = keep([m])[0]
-        out = {"prediction": d, "mask": losses.mask_sparsity(m, hp.mask_penalty, reduction="none")}
-        loss = d + hp.lambda_mask * out["mask"]
+        # the masks whose images must keep the class (m, then the curve term's soft top-a masks) and those
+        # whose removal must lose it (m for the inverse term, the top-a masks): one explanandum pass for all
+        tops = [losses.soft_top_area(z, float(a), hp.curve_temperature) for a in hp.curve_areas] \
+            if hp.lambda_curve else []
+        keepers, removers = [m] + tops, ([m] if hp.lambda_inverse else []) + tops
+        images = [self.mask(x, k) for k in keepers] + [self.mask(x, 1 - r) for r in removers]
+        outs = f(torch.cat(images)).chunk(len(images))
+        if mode == "kl":
+            d = [losses.counterfactual_loss(lm, logits, "kl", f.multilabel, "none", classes=scope)
+                 for lm in outs[:len(keepers)]]
+        else:
+            d = [losses.counterfactual_loss(lm, targets, "groundtruth", f.multilabel, "none")
+                 for lm in outs[:len(keepers)]]
+        inv = [losses.inverse_mask_loss(lm, targets, f.multilabel, reduction="none") for lm in outs[len(keepers):]]
+        out = {"prediction": d[0], "mask": losses.mask_sparsity(m, hp.mask_penalty, reduction="none")}
+        loss = d[0] + hp.lambda_mask * out["mask"]
         if hp.lambda_inverse:
-            out["inverse"] = remove([m])[0]
+            out["inverse"] = inv[0]
             loss = loss + hp.lambda_inverse * out["inverse"]
-        if hp.lambda_curve:
-            tops = [losses.soft_top_area(z, float(a), hp.curve_temperature) for a in hp.curve_areas]
-            out["curve"] = (torch.stack(keep(tops)) + torch.stack(remove(tops))).mean(0)
+        if tops:
+            out["curve"] = (torch.stack(d[1:]) + torch.stack(inv[-len(tops):])).mean(0)
             loss = loss + hp.lambda_curve * out["curve"]
         out["area"] = m.detach().flatten(1).mean(1)
         out["loss"] = loss
