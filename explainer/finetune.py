@@ -37,7 +37,7 @@ from torch.func import functional_call, vmap
 
 from explainer.explanandum import check_images
 from explainer.modules.explainer import targets_to_index
-from explainer.modules.ltx import check_objective_settings
+from explainer.modules.ltx import OBJECTIVE_KEYS, check_objective_settings
 
 
 def check_module(module: Any) -> None:
@@ -58,10 +58,6 @@ def check_lr(lr: Any) -> float:
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr == float("inf"):
         raise ValueError(f"lr: expected a learning rate > 0, got {lr!r}")
     return float(lr)
-
-
-OBJECTIVE_KEYS = ("lambda_mask", "lambda_inverse", "baseline", "mask_penalty", "kl_scope", "lambda_curve",
-                  "curve_areas", "curve_temperature")
 
 
 def check_objective(objective: Any) -> dict:

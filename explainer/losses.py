@@ -124,20 +124,20 @@ def counterfactual_loss(logits_masked: torch.Tensor, target, mode: str, multilab
     lm = logits_masked.float()
     if mode == "kl":
         t = target.float().detach()
-        if classes is not None:
-            if classes.shape != t.shape:
-                raise ValueError(f"classes: expected multi-hot {tuple(t.shape)} like the logits, "
-                                 f"got {tuple(classes.shape)}")
-            lp, lq = (F.logsigmoid(t), F.logsigmoid(lm)) if multilabel else (t.log_softmax(1), lm.log_softmax(1))
-            ln_p, ln_q = _log1mexp(lp), _log1mexp(lq)
-            per = lp.exp() * (lp - lq) + ln_p.exp() * (ln_p - ln_q)
-            return _reduce((per * classes.float()).sum(1), reduction)
-        if multilabel:
+        if classes is not None and classes.shape != t.shape:
+            raise ValueError(f"classes: expected multi-hot {tuple(t.shape)} like the logits, "
+                             f"got {tuple(classes.shape)}")
+        if multilabel:  # the Bernoulli KL of each class: BCE(p, q) - H(p)
             p = torch.sigmoid(t)
             per = (F.binary_cross_entropy_with_logits(lm, p, reduction="none")
-                   - F.binary_cross_entropy_with_logits(t, p, reduction="none")).sum(1)
+                   - F.binary_cross_entropy_with_logits(t, p, reduction="none"))
+        elif classes is not None:  # the Bernoulli KL of each class's softmax probability
+            lp, lq = t.log_softmax(1), lm.log_softmax(1)
+            ln_p, ln_q = _log1mexp(lp), _log1mexp(lq)
+            per = lp.exp() * (lp - lq) + ln_p.exp() * (ln_p - ln_q)
         else:
-            per = F.kl_div(F.log_softmax(lm, 1), F.log_softmax(t, 1), log_target=True, reduction="none").sum(1)
+            per = F.kl_div(F.log_softmax(lm, 1), F.log_softmax(t, 1), log_target=True, reduction="none")
+        return _reduce((per if classes is None else per * classes.float()).sum(1), reduction)
         return _reduce(per, reduction)
     if mode == "predicted":
         t = target.float().detach()

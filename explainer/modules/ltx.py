@@ -73,12 +73,14 @@ NETWORKS = ("backbone", "smp")
 MASK_PENALTIES = ("mean", "softplus")
 KL_SCOPES = ("all", "target")
 CURVE_AREAS, CURVE_TEMPERATURE = (0.05, 0.1, 0.25, 0.5), 0.1
+# the settings of the counterfactual objective, which finetuning may replace (explainer.finetune)
+OBJECTIVE_KEYS = ("lambda_mask", "lambda_inverse", "baseline", "mask_penalty", "kl_scope", "lambda_curve",
+                  "curve_areas", "curve_temperature")
 
 
 def check_objective_settings(**settings: Any) -> None:
-    """Validate settings of the counterfactual objective (any of baseline, mask_penalty, lambda_mask,
-    lambda_inverse, kl_scope, lambda_curve, curve_areas, curve_temperature): at construction and when
-    finetuning replaces them."""
+    """Validate settings of the counterfactual objective (any of ``OBJECTIVE_KEYS``): at construction and
+    when finetuning replaces them."""
     if "curve_areas" in settings:
         a = settings["curve_areas"]
         if not isinstance(a, (list, tuple)) or not a or not all(
@@ -325,12 +327,9 @@ class LTXModule(AmortizedExplainerModule):
         keepers, removers = [m] + tops, ([m] if hp.lambda_inverse else []) + tops
         images = [self.mask(x, k) for k in keepers] + [self.mask(x, 1 - r) for r in removers]
         outs = f(torch.cat(images)).chunk(len(images))
-        if mode == "kl":
-            d = [losses.counterfactual_loss(lm, logits, "kl", f.multilabel, "none", classes=scope)
-                 for lm in outs[:len(keepers)]]
-        else:
-            d = [losses.counterfactual_loss(lm, targets, "groundtruth", f.multilabel, "none")
-                 for lm in outs[:len(keepers)]]
+        ref, how = (logits, "kl") if mode == "kl" else (targets, "groundtruth")
+        d = [losses.counterfactual_loss(lm, ref, how, f.multilabel, "none", classes=scope)
+             for lm in outs[:len(keepers)]]
         inv = [losses.inverse_mask_loss(lm, targets, f.multilabel, reduction="none") for lm in outs[len(keepers):]]
         out = {"prediction": d[0], "mask": losses.mask_sparsity(m, hp.mask_penalty, reduction="none")}
         loss = d[0] + hp.lambda_mask * out["mask"]
