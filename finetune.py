@@ -1,15 +1,12 @@
-"""LTX per-instance finetuning from the command line (masks written like ``python -m explainer explain``).
+"""LTX per-instance finetuning (the same as ``python -m explainer finetune``).
 
     python finetune.py --config configs/synthetic/ltx_finetune.yaml
     python finetune.py --config configs/synthetic/ltx_finetune.yaml --steps 10 --out runs/ltx_finetune_10
 """
 
-import os
 import sys
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-from explainer.finetune import main  # noqa: E402
+from explainer.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["finetune", *sys.argv[1:]]))

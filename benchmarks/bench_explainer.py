@@ -99,7 +99,7 @@ def main() -> None:
 
     import inspect
 
-    from explainer.modules import ExplainerModule
+    from explainer.explainers import ExplainerModule
 
     init = inspect.signature(ExplainerModule.__init__).parameters
     hp = {k: v for k, v in e.hparams.items() if k in init and k != "explanandum_fingerprint"}

@@ -12,7 +12,7 @@ perturbation (``extremal_perturbation``, all areas optimised jointly) against th
   per pixel; a mask's TV grows with its perimeter, so compare methods at the same area);
 * class score: the target's probability (``f.probabilities``) of the preserved image, (i) with the soft mask
   through the methods' own perturbation (:class:`explainer.methods.extremal.Perturbation`, the blur pyramid
-  whose every level pair is :func:`explainer.masking.apply_mask`), and (ii) with the binarised mask
+  whose every level pair is :func:`explainer.core.masking.apply_mask`), and (ii) with the binarised mask
   (> 0.5) through ``apply_mask(x, m, "blur", blur_sigma=max_blur)`` -- the pyramid's rule for a binary mask.
 
 and for the iterative multi-mask method (:func:`explainer.methods.inr_extremal.multiple_masks`, K masks of
@@ -50,8 +50,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import explainer  # noqa: E402
+from explainer.core.masking import apply_mask  # noqa: E402
 from explainer.data import SyntheticDataModule  # noqa: E402
-from explainer.masking import apply_mask  # noqa: E402
 from explainer.methods.extremal import Perturbation, achieved_area, default_scales  # noqa: E402
 from explainer.methods.inr_extremal import multiple_masks  # noqa: E402
 

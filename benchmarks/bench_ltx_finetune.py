@@ -51,8 +51,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import explainer  # noqa: E402
-from explainer.finetune import _finetuning, finetune, finetune_loop  # noqa: E402
-from explainer.modules.ltx import LTXModule  # noqa: E402
+from explainer.explainers import LTXModule  # noqa: E402
+from explainer.explainers.ltx import _finetuning, finetune, finetune_loop  # noqa: E402
 
 
 def settings(size: int):

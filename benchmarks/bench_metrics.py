@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 import explainer  # noqa: E402
 from explainer import metrics as M  # noqa: E402
-from explainer.masking import baseline_image  # noqa: E402
+from explainer.core.masking import baseline_image  # noqa: E402
 
 
 @torch.no_grad()

@@ -5,15 +5,20 @@
 >>> e = explainer.load("checkpoints/synthetic_explainer.safetensors")
 >>> masks = e.explain(x)                                   # (B, C, H, W), one forward pass
 >>> maps = explainer.methods.get("gradcam", f).attribute(x, target=None)
+
+Layers, each importing only those below it (checked by import-linter, see docs/ARCHITECTURE.md):
+``cli`` -> ``pipelines`` -> ``explainers`` -> ``methods`` | ``metrics`` | ``classifier`` -> ``explanandum`` |
+``losses`` -> ``data`` | ``nets`` -> ``core``.
 """
 
 import os as _os
 
 _os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from explainer import data, methods, metrics, nets  # noqa: E402,F401  # noqa: E402,F401,I001
-from explainer.amortized import load  # noqa: E402
+from explainer import core, data, explainers, methods, metrics, nets  # noqa: E402,F401,I001
+from explainer.explainers import load  # noqa: E402
 from explainer.explanandum import Explanandum, load_explanandum, save_explanandum  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Explanandum", "load_explanandum", "save_explanandum", "load", "data", "nets", "methods", "metrics"]
+__all__ = ["Explanandum", "load_explanandum", "save_explanandum", "load", "core", "data", "nets", "methods",
+           "metrics", "explainers"]

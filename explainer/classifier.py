@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
 
-from explainer.explanandum import FORMAT, build_timm
+from explainer.explanandum import FORMAT, build_timm, load_explanandum
 
 
 class ClassifierModule(pl.LightningModule):
@@ -40,8 +40,6 @@ class ClassifierModule(pl.LightningModule):
         self.save_hyperparameters()
         self.model = build_timm(arch, num_classes, model_kwargs)
         if init_from:
-            from explainer.explanandum import load_explanandum
-
             src = load_explanandum(init_from, num_classes=num_classes)
             if src.arch != arch:
                 raise ValueError(f"init_from: {init_from!r} is a {src.arch!r}, expected {arch!r}")

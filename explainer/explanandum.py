@@ -17,13 +17,10 @@ statistics drift during explainer training; this cannot).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import urlparse
@@ -32,9 +29,11 @@ import torch
 from torch import nn
 
 from explainer import nets as _nets  # noqa: F401  (registers the project's timm models)
+from explainer.core.constants import IMAGENET_MEAN, IMAGENET_STD
+from explainer.core.images import check_images
+from explainer.core.imports import import_object
+from explainer.core.io import atomic_save_safetensors
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT = "explainer.explanandum/1"
 
 
@@ -102,27 +101,6 @@ class Explanandum(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}, num_classes={self.num_classes}, multilabel={self.multilabel}"
-
-
-def check_images(x: Any, name: str = "x", check_range: bool = True) -> torch.Tensor:
-    """Raise a clear error unless ``x`` is a float (B, 3, H, W) tensor in [0, 1] without NaN."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor of shape (B, 3, H, W), got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"{name}: expected images of shape (B, 3, H, W) with 3 RGB channels, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor with values in [0, 1], got dtype {x.dtype} "
-                        "(convert uint8 images with x.float() / 255)")
-    if check_range and x.numel():
-        with torch.no_grad():
-            lo, hi = torch.aminmax(x.detach())
-            lo, hi = float(lo), float(hi)
-        if lo != lo or hi != hi:
-            raise ValueError(f"{name}: contains NaN")
-        if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"{name}: expected RGB values in [0, 1], got range [{lo:.3g}, {hi:.3g}] "
-                             "(pass unnormalised images; the explanandum normalises inside)")
-    return x
 
 
 # ------------------------------------------------------------------ loading --
@@ -249,28 +227,6 @@ def _num_outputs(model: nn.Module) -> int:
     raise ValueError(f"spec: the model does not run on a (1, 3, H, W) image: {err}")
 
 
-def _import_factory(spec: str):
-    target, _, attr = spec.rpartition(":")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise FileNotFoundError(f"spec: no such factory file {target!r} (expected 'path/to/file.py:factory')")
-        modname = f"_explainer_factory_{abs(hash(str(path.resolve())))}"
-        s = importlib.util.spec_from_file_location(modname, path)
-        module = importlib.util.module_from_spec(s)
-        sys.modules[modname] = module
-        s.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as err:
-            raise ValueError(f"spec: cannot import module {target!r} for factory spec {spec!r} ({err})") from err
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise ValueError(f"spec: {target!r} has no callable {attr!r}")
-    return fn
-
-
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata stored inside a project safetensors file."""
     from safetensors import safe_open
@@ -328,7 +284,7 @@ def load_explanandum(spec: str | os.PathLike | nn.Module, num_classes: int | Non
         elif spec_str.endswith((".safetensors", ".ckpt")) or Path(spec_str).is_file():
             return _load_checkpoint(Path(spec_str), num_classes, class_names, multilabel)
         elif ":" in spec_str:
-            fn = _import_factory(spec_str)
+            fn = import_object(spec_str, what="spec")
             params = inspect.signature(fn).parameters
             kwargs = {"num_classes": num_classes} if num_classes is not None and "num_classes" in params else {}
             model = fn(**kwargs)
@@ -385,7 +341,6 @@ def _load_checkpoint(path: Path, num_classes, class_names, multilabel) -> Explan
 
 def save_explanandum(f: Explanandum, path: str | os.PathLike) -> Path:
     """Write ``f`` as one self-describing safetensors file (atomically)."""
-    from explainer.io import atomic_save_safetensors
 
     meta = f.metadata()
     meta["spec"] = ""

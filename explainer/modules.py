@@ -1,7 +1,11 @@
-"""LightningModules: the science of training (the Trainer holds the engineering)."""
+"""Former home of the LightningModules, kept so that configs naming ``explainer.modules.<Class>`` still load.
 
-from explainer.modules.classifier import ClassifierModule
-from explainer.modules.explainer import AmortizedExplainerModule, ExplainerModule
-from explainer.modules.ltx import LTXModule
+The classes live in :mod:`explainer.explainers` (trained explainers) and :mod:`explainer.classifier`.
+"""
+
+from explainer.classifier import ClassifierModule
+from explainer.explainers import ExplainerModule, LTXModule, TrainedExplainer
+
+AmortizedExplainerModule = TrainedExplainer  # its former name
 
 __all__ = ["ClassifierModule", "AmortizedExplainerModule", "ExplainerModule", "LTXModule"]

@@ -8,7 +8,7 @@ import torch
 from helpers import tiny_classifier, tiny_explainer_kwargs
 
 from explainer.data import VOCDataModule
-from explainer.modules import ExplainerModule
+from explainer.explainers import ExplainerModule
 
 
 class RecordLoss(pl.Callback):

@@ -1,4 +1,4 @@
-"""explainer.evaluate end to end on the tiny synthetic VOC tree, with a tiny explanandum checkpoint."""
+"""explainer.pipelines.evaluate end to end on the tiny synthetic VOC tree, with a tiny explanandum checkpoint."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 import yaml
 
 import explainer
-from explainer import evaluate as E
 from explainer import metrics as M
 from explainer.data import synthetic
+from explainer.pipelines import evaluate as E
 
 STANDIN = textwrap.dedent('''
     import torch

@@ -9,10 +9,9 @@ import torch
 from helpers import tiny_classifier, tiny_explainer_kwargs
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from explainer.amortized import load
 from explainer.data import VOCDataModule
-from explainer.export import export
-from explainer.modules import ExplainerModule
+from explainer.explainers import ExplainerModule, load
+from explainer.explainers.export import export
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +200,7 @@ def test_resume_gives_the_same_weights(tiny_voc, clf, tmp_path):
 
 
 def test_config_errors(tmp_path):
-    from explainer.cli import train_cli
+    from explainer.pipelines.train import train_cli
 
     with pytest.raises(SystemExit):
         train_cli(["fit", "--config", "configs/synthetic/explainer.yaml", "--model.init_args.no_such_key", "1"],
@@ -243,13 +242,13 @@ def test_wandb_offline_run_holds_metrics(tiny_voc, clf, tmp_path, monkeypatch):
                                  "configs/coco/explainer.yaml", "configs/synthetic/explanandum.yaml"])
 def test_configs_parse(cfg):
     """Every shipped config type-checks against the classes it names (without building models or data)."""
-    from explainer.cli import check_config
+    from explainer.pipelines.train import check_config
 
     check_config(cfg)
 
 
 def test_check_config_rejects_unknown_keys(tmp_path):
-    from explainer.cli import check_config
+    from explainer.pipelines.train import check_config
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(open("configs/synthetic/explainer.yaml").read().replace("lambda_tv:", "lambda_tvv:"))

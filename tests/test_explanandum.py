@@ -43,8 +43,8 @@ def test_safetensors_round_trip(tmp_path):
 def test_lightning_classifier_checkpoint(tmp_path, tiny_voc):
     import pytorch_lightning as pl
 
+    from explainer.classifier import ClassifierModule
     from explainer.data import VOCDataModule
-    from explainer.modules import ClassifierModule
 
     dm = VOCDataModule(root=str(tiny_voc), image_size=32, batch_size=8, num_workers=0)
     model = ClassifierModule(arch="explainer_resnet_tiny", num_classes=8)

@@ -8,10 +8,9 @@ import torch
 
 import explainer
 import explainer.methods
-from explainer.amortized import load
-from explainer.export import export_safetensors
-from explainer.finetune import finetune
-from explainer.modules.ltx import LTXModule
+from explainer.explainers import LTXModule, load
+from explainer.explainers.export import export_safetensors
+from explainer.explainers.ltx import finetune
 
 SMP_TINY = dict(network="smp", encoder="tu-explainer_resnet_tiny",
                 decoder_kwargs={"decoder_channels": [16, 16, 8, 8, 8]})
@@ -167,7 +166,7 @@ def test_methods_ltx_and_pltx(trained):
 
 
 def test_loading_another_kind_as_ltx_is_an_error(tmp_path, cnn8_path):
-    from explainer.modules.explainer import ExplainerModule
+    from explainer.explainers import ExplainerModule
 
     e = ExplainerModule(cnn8_path, encoder="tu-explainer_resnet_tiny")
     path = export_safetensors(e, tmp_path / "explainer.safetensors")
@@ -197,7 +196,8 @@ def test_bad_settings_raise_clear_errors(tiny_cnn):
 
 
 def test_finetune_cli(tmp_path, trained, tiny_voc):
-    from explainer.finetune import main
+    from explainer.explainers.ltx import FINETUNE_PRESETS
+    from explainer.pipelines.finetune import main
 
     _, _, ckpt, _ = trained
     cfg = tmp_path / "ft.yaml"
@@ -212,7 +212,15 @@ def test_finetune_cli(tmp_path, trained, tiny_voc):
     assert settings["steps"] == 1 and settings["top_k"] == 2
     recorded = {"lambda_mask": 5.0, "lambda_inverse": 0.5, "baseline": "black", "mask_penalty": "mean",
                 "kl_scope": "all", "lambda_curve": 0.0, "curve_areas": [0.05, 0.1, 0.25, 0.5], "curve_temperature": 0.1}
-    assert settings["objective"] == recorded  # the pretraining objective, recorded
+    # the default: the finetuning settings recorded in the checkpoint (the validated preset) over the pretraining
+    # objective
+    validated = FINETUNE_PRESETS["validated"]
+    assert settings["objective"] == {**recorded, **validated["objective"]}
+    assert settings["lr"] == validated["lr"] and settings["target_mode"] == validated["mode"]
+    assert main(["--config", str(cfg), "--preset", "paper"]) == 0
+    settings = json.loads((out / "finetune.json").read_text())
+    assert settings["objective"] == recorded  # the paper's: the pretraining objective, recorded
+    assert settings["lr"] == FINETUNE_PRESETS["paper"]["lr"] and settings["target_mode"] == "groundtruth"
     assert main(["--config", str(cfg), "--objective", '{"baseline": "mean", "lambda_inverse": 3}']) == 0
     settings = json.loads((out / "finetune.json").read_text())
     assert settings["objective"] == {**recorded, "lambda_inverse": 3, "baseline": "mean"}
@@ -226,7 +234,7 @@ def test_onnx_export_matches(trained, tmp_path, vit):
     import numpy as np
     import onnxruntime as ort
 
-    from explainer.export import export, export_onnx
+    from explainer.explainers.export import export, export_onnx
 
     _, _, ckpt, _ = trained
     torch.manual_seed(0)

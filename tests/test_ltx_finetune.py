@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from explainer.finetune import finetune, finetune_loop
-from explainer.modules.ltx import LTXModule
+from explainer.explainers import LTXModule
+from explainer.explainers.ltx import finetune, finetune_loop
 
 SMP_TINY = dict(network="smp", encoder="tu-explainer_resnet_tiny",
                 decoder_kwargs={"decoder_channels": [16, 16, 8, 8, 8]})
@@ -31,7 +31,7 @@ SETTINGS = {"cnn-backbone": ({}, 64), "cnn-smp": (SMP_TINY, 32), "vit-backbone":
 def test_batched_equals_loop_and_leaves_module_unchanged(which, tiny_cnn, vit):
     kw, size = SETTINGS[which]
     torch.manual_seed(0)
-    m = LTXModule(vit if which.startswith("vit") else tiny_cnn, **kw, lambda_mask=5.0)
+    m = LTXModule(vit if which.startswith("vit") else tiny_cnn, finetuning="paper", **kw, lambda_mask=5.0)
     m.train()  # finetuning must switch the explainer to eval (BN statistics frozen) and back
     x = torch.rand(3, 3, size, size)
     t = torch.tensor([2, 0, 3])
@@ -55,7 +55,7 @@ def test_batched_equals_loop_exactly_in_float64(which, tiny_cnn, vit):
     differently for grouped and single convolutions, into a full +-lr step, so rare pixels may differ more."""
     torch.manual_seed(0)
     f = copy.deepcopy(vit if which.startswith("vit") else tiny_cnn)  # a copy: the fixture stays float32
-    m = LTXModule(f, **SETTINGS[which][0]).double()
+    m = LTXModule(f, finetuning="paper", **SETTINGS[which][0]).double()
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     batched = finetune(m, x, [1, 3], steps=3, lr=1e-2)
     loop = finetune_loop(m, x, [1, 3], steps=3, lr=1e-2)
@@ -65,7 +65,7 @@ def test_batched_equals_loop_exactly_in_float64(which, tiny_cnn, vit):
 def test_images_are_independent_of_their_batch(tiny_cnn):
     """Chunking (batch_size) and the other images in a batch do not change an image's mask."""
     torch.manual_seed(0)
-    m = LTXModule(tiny_cnn, **SMP_TINY)
+    m = LTXModule(tiny_cnn, finetuning="paper", **SMP_TINY)
     x = torch.rand(3, 3, 32, 32)
     a = finetune(m, x, [1, 2, 3], steps=2, batch_size=3)
     b = finetune(m, x, [1, 2, 3], steps=2, batch_size=1)
@@ -75,14 +75,14 @@ def test_images_are_independent_of_their_batch(tiny_cnn):
 
 def test_targets_none_is_the_predicted_class(tiny_cnn):
     torch.manual_seed(0)
-    m = LTXModule(tiny_cnn, **SMP_TINY, target="predicted")
+    m = LTXModule(tiny_cnn, finetuning="paper", **SMP_TINY, target="predicted")
     x = torch.rand(2, 3, 32, 32)
     top = tiny_cnn(x).argmax(1)
     assert torch.allclose(finetune(m, x, None, steps=1), finetune(m, x, top, steps=1), atol=1e-6)
 
 
 def test_finetune_inside_inference_mode(tiny_cnn):
-    m = LTXModule(tiny_cnn, **SMP_TINY)
+    m = LTXModule(tiny_cnn, finetuning="paper", **SMP_TINY)
     x = torch.rand(1, 3, 32, 32)
     with torch.inference_mode():
         out = finetune(m, x, 0, steps=1)
@@ -90,9 +90,9 @@ def test_finetune_inside_inference_mode(tiny_cnn):
 
 
 def test_finetune_errors(tiny_cnn):
-    m = LTXModule(tiny_cnn, **SMP_TINY)
+    m = LTXModule(tiny_cnn, finetuning="paper", **SMP_TINY)
     x = torch.rand(2, 3, 32, 32)
-    for bad in (0, -1, 2.5, True, None):
+    for bad in (0, -1, 2.5, True, "3"):  # None: the preset's steps
         with pytest.raises(ValueError, match="steps"):
             finetune(m, x, 0, steps=bad)
         with pytest.raises(ValueError, match="steps"):
@@ -118,7 +118,7 @@ def test_finetune_errors(tiny_cnn):
 def test_objective_override_equals_a_module_pretrained_with_it(tiny_cnn):
     """objective={...} finetunes with those settings (== a module configured with them) and restores the module."""
     torch.manual_seed(0)
-    m = LTXModule(tiny_cnn, **SMP_TINY, lambda_mask=5.0, baseline="black")
+    m = LTXModule(tiny_cnn, finetuning="paper", **SMP_TINY, lambda_mask=5.0, baseline="black")
     other = copy.deepcopy(m)
     other.hparams.update(lambda_mask=1.0, baseline="mean", lambda_inverse=2.0)
     x = torch.rand(2, 3, 32, 32)
@@ -148,8 +148,8 @@ def test_curve_term_against_plain_computation(tiny_cnn):
 
     torch.manual_seed(0)
     areas = (0.1, 0.25, 0.5)
-    m = LTXModule(tiny_cnn, **SMP_TINY, target="kl", kl_scope="target", baseline="mean", lambda_mask=2.0,
-                  lambda_inverse=0.5, lambda_curve=3.0, curve_areas=areas, curve_temperature=0.2).eval()
+    m = LTXModule(tiny_cnn, finetuning="paper", **SMP_TINY, target="kl", kl_scope="target", baseline="mean",
+                  lambda_mask=2.0, lambda_inverse=0.5, lambda_curve=3.0, curve_areas=areas, curve_temperature=0.2).eval()
     f = m.explanandum
     x = torch.rand(2, 3, 32, 32)
     z = torch.randn(2, 1, 32, 32) * 2

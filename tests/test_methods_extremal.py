@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import explainer.methods as M
-from explainer.masking import apply_mask, blur
+from explainer.core.masking import apply_mask, blur
 from explainer.methods.extremal import (
     Perturbation,
     SmoothMask,

@@ -11,7 +11,7 @@ from torch import nn
 
 import explainer
 from explainer import metrics as M
-from explainer.masking import baseline_image
+from explainer.core.masking import baseline_image
 
 
 # --------------------------------------------------------------------------- helpers

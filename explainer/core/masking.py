@@ -16,8 +16,9 @@ from typing import Sequence
 import torch
 import torchvision.transforms.functional as TF
 
+from explainer.core.constants import IMAGENET_MEAN
+
 BASELINES = ("mean", "black", "blur")
-DEFAULT_MEAN = (0.485, 0.456, 0.406)
 
 
 def check_baseline(kind: str) -> str:
@@ -44,7 +45,7 @@ def baseline_image(x: torch.Tensor, kind: str = "mean", mean: Sequence[float] | 
         return torch.zeros_like(x)
     if kind == "blur":
         return blur(x, blur_sigma)
-    m = torch.as_tensor(DEFAULT_MEAN if mean is None else mean, dtype=x.dtype, device=x.device)
+    m = torch.as_tensor(IMAGENET_MEAN if mean is None else mean, dtype=x.dtype, device=x.device)
     return m.reshape(1, 3, 1, 1).expand_as(x)
 
 

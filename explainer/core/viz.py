@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from explainer.io import atomic_path
+from explainer.core.io import atomic_path
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-IGNORE = 255
+from explainer.core.constants import VOID
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -97,7 +97,7 @@ class SegClsDataset(Dataset):
         extras = more[0] if more else {}
         has_mask = mask is not None
         if mask is None:
-            mask = np.full(rgb.shape[:2], IGNORE, np.uint8)
+            mask = np.full(rgb.shape[:2], VOID, np.uint8)
         if mask.shape != rgb.shape[:2]:
             raise ValueError(f"sample {i}: mask shape {mask.shape} does not match image shape {rgb.shape[:2]}")
         if self.transform is not None:

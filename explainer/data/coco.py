@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from explainer.data.base import IGNORE, ImageDataModule, SegClsDataset, read_rgb
+from explainer.core.constants import VOID
+from explainer.data.base import ImageDataModule, SegClsDataset, read_rgb
 
 
 def load_coco(ann_file: str | os.PathLike):
@@ -67,7 +68,7 @@ class COCODataset(SegClsDataset):
             if m.shape != (h, w):
                 raise ValueError(f"annotation {a.get('id')}: mask {m.shape} does not match image {(h, w)}")
             if a.get("iscrowd", 0):
-                mask[m] = IGNORE
+                mask[m] = VOID
                 continue
             c = self.cat_index[a["category_id"]]
             labels[c] = 1

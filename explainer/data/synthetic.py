@@ -31,6 +31,8 @@ from xml.etree import ElementTree as ET
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from explainer.core.constants import VOID
+
 CLASSES: tuple[str, ...] = (
     "circle",
     "cross",
@@ -43,7 +45,6 @@ CLASSES: tuple[str, ...] = (
 )  # segmentation index = position + 1; the order is recorded in synthetic.json
 
 SPLITS = ("train", "val", "test")
-VOID = 255
 
 
 def voc_palette() -> list[int]:

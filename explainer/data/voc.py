@@ -10,8 +10,9 @@ from xml.etree import ElementTree as ET
 import numpy as np
 import torch
 
+from explainer.core.constants import VOID
 from explainer.data import synthetic
-from explainer.data.base import IGNORE, ImageDataModule, SegClsDataset, read_index_png, read_rgb
+from explainer.data.base import ImageDataModule, SegClsDataset, read_index_png, read_rgb
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -103,7 +104,7 @@ class VOCDataset(SegClsDataset):
         seg = self.root / "SegmentationClass" / f"{sid}.png"
         mask = read_index_png(seg) if seg.is_file() else None
         if mask is not None:
-            bad = (mask > self.num_classes) & (mask != IGNORE)
+            bad = (mask > self.num_classes) & (mask != VOID)
             if bad.any():
                 raise ValueError(f"mask: {str(seg)!r} has class indices above {self.num_classes}")
         return rgb, labels, mask, {"difficult": torch.from_numpy(difficult)}

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from explainer.io import atomic_path, atomic_save_safetensors
+from explainer.core.io import atomic_path, atomic_save_safetensors
+from explainer.explainers.loading import load
+from explainer.explanandum import load_explanandum, save_explanandum
 
 
 class AllClassMasks(nn.Module):
@@ -77,11 +79,7 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike, inpu
         if isinstance(ck, dict) and "explanandum_meta" in ck.get("hyper_parameters", {}):
             if fmt != "safetensors":
                 raise ValueError("format: a classifier checkpoint exports to safetensors only")
-            from explainer.explanandum import load_explanandum, save_explanandum
-
             return save_explanandum(load_explanandum(ckpt), out)
-    from explainer.amortized import load
-
     module = load(ckpt, explanandum=explanandum)
     if input_size is not None:
         module.input_size = input_size

@@ -1,4 +1,4 @@
-"""Loading amortized explainers (the Explainer's, LTX's) from checkpoints or exports."""
+"""Loading trained explainers of any registered kind from Lightning checkpoints or safetensors exports."""
 
 from __future__ import annotations
 
@@ -8,20 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-KINDS: dict[str, str] = {
-    "explainer": "explainer.modules.explainer:ExplainerModule",
-    "ltx": "explainer.modules.ltx:LTXModule",
-}
+from explainer.explainers.base import CHECKPOINT_FORMAT, KINDS, TrainedExplainer
+from explainer.explanandum import read_checkpoint_metadata
 
 
-def module_class(kind: str):
-    if kind not in KINDS:
-        raise ValueError(f"checkpoint: unknown explainer kind {kind!r}; expected one of {sorted(KINDS)}")
-    mod, _, name = KINDS[kind].partition(":")
-    import importlib
-
-    return getattr(importlib.import_module(mod), name)
+def module_class(kind: str) -> type[TrainedExplainer]:
+    """The class of the explainer kind recorded in a checkpoint."""
+    try:
+        return KINDS.get(kind)
+    except ValueError as err:
+        raise ValueError(f"checkpoint: {err}") from None
 
 
 def _resolve_spec(spec: str, anchor: Path) -> str:
@@ -42,10 +40,6 @@ def read_meta(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file {str(path)!r}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        from explainer.explanandum import read_checkpoint_metadata
-
         meta = read_checkpoint_metadata(path)
         try:
             sd = load_file(str(path))
@@ -64,7 +58,7 @@ def read_meta(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 
 def load(path: str | os.PathLike, explanandum: Any = None, map_location: str | torch.device = "cpu"):
-    """Restore a trained explainer (Explainer or LTX) with its frozen explanandum, in eval mode.
+    """Restore a trained explainer (of any registered kind) with its frozen explanandum, in eval mode.
 
     Args:
         path: a Lightning ``.ckpt`` written by training, or a ``.safetensors``
@@ -81,8 +75,6 @@ def load(path: str | os.PathLike, explanandum: Any = None, map_location: str | t
     """
     path = Path(path)
     meta, sd = read_meta(path)
-    from explainer.modules.explainer import CHECKPOINT_FORMAT
-
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint: {str(path)!r} holds {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}")
     cls = module_class(meta["kind"])

@@ -7,7 +7,7 @@ must keep the frozen explanandum's prediction (METHODS.md section 2)::
 
 in two stages: pretraining on a dataset (pLTX; this module with the Trainer)
 and a fixed number of finetuning steps per test image from the pretrained
-weights (LTX; :func:`explainer.finetune.finetune`).
+weights (LTX; :func:`finetune` below).
 
 * ``D`` (``target``): ``"groundtruth"`` (the official default; CE/BCE to the
   labels), ``"predicted"`` (CE/BCE to the classifier's own hard prediction on
@@ -55,17 +55,21 @@ The network (``network``):
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, vmap
 
 from explainer import losses
-from explainer.masking import check_baseline
-from explainer.modules.explainer import AmortizedExplainerModule
+from explainer.core.images import check_images
+from explainer.core.masking import check_baseline
+from explainer.core.targets import check_targets, predicted_classes
+from explainer.explainers.base import TrainedExplainer, register_kind
+from explainer.nets.backbone import BackboneMaskNet
 from explainer.nets.segmentation import build_segmentation_net, init_encoder_from
 
 TARGET_MODES = ("groundtruth", "predicted", "kl")
@@ -73,7 +77,7 @@ NETWORKS = ("backbone", "smp")
 MASK_PENALTIES = ("mean", "softplus")
 KL_SCOPES = ("all", "target")
 CURVE_AREAS, CURVE_TEMPERATURE = (0.05, 0.1, 0.25, 0.5), 0.1
-# the settings of the counterfactual objective, which finetuning may replace (explainer.finetune)
+# the settings of the counterfactual objective, which finetuning may replace (see finetune below)
 OBJECTIVE_KEYS = ("lambda_mask", "lambda_inverse", "baseline", "mask_penalty", "kl_scope", "lambda_curve",
                   "curve_areas", "curve_temperature")
 
@@ -102,89 +106,8 @@ def check_objective_settings(**settings: Any) -> None:
             raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
 
 
-def _is_vit(model: nn.Module) -> bool:
-    return hasattr(model, "patch_embed") and hasattr(model, "blocks") and hasattr(model, "forward_features")
-
-
-class BackboneMaskNet(nn.Module):
-    """A copy of a classifier's backbone with LTX's light decoder: (B, 3, h, w) -> (B, K, h', w') logits.
-
-    CNN (a timm model with ``forward_features`` or a torchvision ResNet): the
-    last feature map -> 1x1 conv to ``K`` maps (stride 32). timm ViT: the
-    patch tokens -> Linear(D, hidden) -> tanh -> Linear(hidden, K), folded onto
-    the patch grid.
-
-    Args:
-        model: the explanandum's raw network (copied, never shared).
-        out_channels: ``K`` mask maps.
-        hidden: width of the ViT decoder (None: the embedding width).
-        pretrained: keep the copied weights; False re-initialises them.
-    """
-
-    def __init__(self, model: nn.Module, out_channels: int, hidden: int | None = None, pretrained: bool = True):
-        super().__init__()
-        bb = copy.deepcopy(model)
-        bb.requires_grad_(True)
-        bb.train()
-        self.vit = _is_vit(bb)
-        if self.vit:
-            bb.reset_classifier(0)
-            for name in ("fc_norm", "head_drop"):
-                if isinstance(getattr(bb, name, None), nn.Module):
-                    setattr(bb, name, nn.Identity())  # unused by forward_features: no dead parameters
-            dim = int(bb.num_features)
-            hidden = int(hidden or dim)
-            self.head = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, out_channels))
-            self.num_prefix_tokens = int(getattr(bb, "num_prefix_tokens", 1))
-            self.patch = tuple(int(p) for p in bb.patch_embed.patch_size)
-            self.fixed_size = None if getattr(bb, "dynamic_img_size", False) else tuple(
-                int(s) for s in bb.patch_embed.img_size)
-            for m in bb.modules():
-                if hasattr(m, "fused_attn"):
-                    m.fused_attn = False  # the explicit attention vmaps (finetuning); the fused kernel does not
-            self.features = bb
-        elif hasattr(bb, "forward_features") and hasattr(bb, "reset_classifier"):
-            bb.reset_classifier(0)
-            self.features = bb
-            self.head = nn.Conv2d(int(bb.num_features), out_channels, kernel_size=1)
-        elif hasattr(bb, "fc") and hasattr(bb, "avgpool"):  # torchvision ResNet-like
-            keep = [m for n, m in bb.named_children() if n not in ("avgpool", "fc")]
-            self.features = nn.Sequential(*keep)
-            self.head = nn.Conv2d(int(bb.fc.in_features), out_channels, kernel_size=1)
-        else:
-            raise ValueError(f"network: 'backbone' mode supports timm CNNs and ViTs and torchvision ResNets, not "
-                             f"{type(model).__name__}; use network='smp'")
-        if not pretrained:
-            self._reinit()
-
-    def _reinit(self) -> None:
-        if self.vit and hasattr(self.features, "init_weights"):
-            self.features.init_weights()
-        for m in self.features.modules():
-            if m is not self.features and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-
-    def input_size(self, h: int, w: int) -> tuple[int, int]:
-        """The resolution the backbone is fed for an (h, w) input."""
-        if self.vit:
-            if self.fixed_size is not None:
-                return self.fixed_size
-            ph, pw = self.patch
-            return max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw)
-        return max(32, math.ceil(h / 32) * 32), max(32, math.ceil(w / 32) * 32)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if not self.vit:
-            feats = self.features.forward_features(z) if hasattr(self.features, "forward_features") \
-                else self.features(z)
-            return self.head(feats)
-        tokens = self.features.forward_features(z)[:, self.num_prefix_tokens:]
-        gh, gw = z.shape[-2] // self.patch[0], z.shape[-1] // self.patch[1]
-        logits = self.head(tokens)  # (B, N, K)
-        return logits.transpose(1, 2).reshape(z.shape[0], -1, gh, gw)
-
-
-class LTXModule(AmortizedExplainerModule):
+@register_kind("ltx")
+class LTXModule(TrainedExplainer):
     """LTX's explainer (see the module docstring); pretraining with the Trainer, finetuning with ``finetune``.
 
     Args:
@@ -216,8 +139,6 @@ class LTXModule(AmortizedExplainerModule):
         explanandum_fingerprint: set when restoring; must match the explanandum.
     """
 
-    kind = "ltx"
-
     def __init__(self, explanandum: Any = "checkpoints/synthetic_classifier.safetensors",
                  network: str = "backbone", architecture: str = "Unet", encoder: str = "tu-explainer_resnet_small",
                  encoder_weights: str | None = None, init_encoder_from_explanandum: bool = True,
@@ -228,8 +149,7 @@ class LTXModule(AmortizedExplainerModule):
                  curve_temperature: float = CURVE_TEMPERATURE,
                  freeze_bn: bool | None = None, lr: float = 2e-3, weight_decay: float = 0.0,
                  optimizer: str = "adamw", lr_schedule: str = "linear", warmup_steps: int = 0,
-                 explanandum_fingerprint: str | None = None):
-        super().__init__()
+                 finetuning: dict | None = None, explanandum_fingerprint: str | None = None):
         check_objective_settings(baseline=baseline, mask_penalty=mask_penalty, lambda_mask=lambda_mask,
                                  lambda_inverse=lambda_inverse, kl_scope=kl_scope,
                                  lambda_curve=lambda_curve, curve_areas=curve_areas,
@@ -238,12 +158,15 @@ class LTXModule(AmortizedExplainerModule):
             raise ValueError(f"target: expected one of {TARGET_MODES}, got {target!r}")
         if network not in NETWORKS:
             raise ValueError(f"network: expected one of {NETWORKS}, got {network!r}")
-        self._setup_explanandum(explanandum, explanandum_fingerprint)
+        finetuning = check_finetuning(finetuning)
+        super().__init__(explanandum, explanandum_fingerprint, baseline=baseline, lr=lr, weight_decay=weight_decay,
+                         optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps)
         self.save_hyperparameters(ignore=["explanandum"])
+        self.hparams.finetuning = finetuning
         self.hparams.explanandum = self.explanandum.spec
         self.hparams.explanandum_fingerprint = self.explanandum_fingerprint
         k = 1 if class_agnostic else self.num_classes
-        fresh = explanandum_fingerprint is None  # restoring: the weights come from the checkpoint
+        fresh = not self.restoring
         if network == "backbone":
             self.net = BackboneMaskNet(self.explanandum.model, k, decoder_hidden,
                                        pretrained=init_encoder_from_explanandum or not fresh)
@@ -254,31 +177,9 @@ class LTXModule(AmortizedExplainerModule):
         self.freeze_bn = (network == "backbone") if freeze_bn is None else bool(freeze_bn)
 
     # ---- masks ------------------------------------------------------------------------
-    def net_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised images resized to what the network takes (multiples of 32; a ViT's input size)."""
-        H, W = x.shape[-2:]
-        if isinstance(self.net, BackboneMaskNet):
-            h2, w2 = self.net.input_size(H, W)
-        else:
-            h2, w2 = max(32, math.ceil(H / 32) * 32), max(32, math.ceil(W / 32) * 32)
-        z = self.normalise(x)
-        if (h2, w2) != (H, W):
-            z = F.interpolate(z, size=(h2, w2), mode="bilinear", align_corners=False)
-        return z
-
-    @staticmethod
-    def to_size(S: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        if S.shape[-2:] != tuple(size):
-            S = F.interpolate(S, size=tuple(size), mode="bilinear", align_corners=False)
-        return S
-
-    def mask_logits(self, x: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
-        """(B, K, H, W) mask logits at the input's resolution; K = C, or 1 when class-agnostic.
-
-        ``net`` replaces ``self.net`` (a finetuned copy of it).
-        """
-        S = (self.net if net is None else net)(self.net_input(x))
-        return self.to_size(S, x.shape[-2:])
+    def net_input_size(self, h: int, w: int) -> tuple[int, int]:
+        """Multiples of 32, or what the backbone takes (a ViT's input size)."""
+        return self.net.input_size(h, w) if isinstance(self.net, BackboneMaskNet) else super().net_input_size(h, w)
 
     def class_masks(self, x: torch.Tensor) -> torch.Tensor:
         """Per-class masks (B, C, H, W); class-agnostic: the one map repeated for every class."""
@@ -325,7 +226,7 @@ class LTXModule(AmortizedExplainerModule):
         tops = [losses.soft_top_area(z, float(a), hp.curve_temperature) for a in hp.curve_areas] \
             if hp.lambda_curve else []
         keepers, removers = [m] + tops, ([m] if hp.lambda_inverse else []) + tops
-        images = [self.mask(x, k) for k in keepers] + [self.mask(x, 1 - r) for r in removers]
+        images = [self.mask(x, k, hp.baseline) for k in keepers] + [self.mask(x, 1 - r, hp.baseline) for r in removers]
         outs = f(torch.cat(images)).chunk(len(images))
         ref, how = (logits, "kl") if mode == "kl" else (targets, "groundtruth")
         d = [losses.counterfactual_loss(lm, ref, how, f.multilabel, "none", classes=scope)
@@ -397,3 +298,267 @@ class LTXModule(AmortizedExplainerModule):
         self.log_dict({f"val/{k}": v for k, v in out.items() if k != "loss"}, sync_dist=True, batch_size=B)
         self.log("val/area_all", area_all, sync_dist=True, batch_size=B)
         self.log("val/loss", out["loss"], sync_dist=True, batch_size=B, prog_bar=True)
+
+
+# ---------------------------------------------------------------------------- per-image finetuning (LTX) --
+# Stage 2 of LTX.
+# For each image, start from the pretrained explainer, take a fixed number of
+# optimiser steps (AdamW, fresh state, constant lr; the official code: up to 25
+# steps at lr 2e-3) on that image alone with the pretraining objective
+# (:meth:`LTXModule.objective`) for the explained class, then emit the mask.
+# No step is selected by labels or by an evaluation metric (the official code
+# picks the step that scores best on the evaluation metric itself against the
+# ground truth; this does not).
+#
+# :func:`finetune` runs every image of a batch at once: the explainer's
+# parameters are stacked into one copy per image (leading dimension B), the
+# network runs under ``torch.func.vmap`` + ``functional_call`` (each image
+# through its own copy), the explanandum on the ordinary batch, and one AdamW
+# steps all copies. This is exact: the loss is the *sum* of the per-image
+# losses, so each copy's gradient is its own image's gradient, and AdamW's
+# update is element-wise, so one optimiser over stacked tensors equals B
+# independent optimisers. :func:`finetune_loop` is the plain reference (one
+# deep copy and one optimiser per image), kept for tests and the benchmark.
+#
+# Batch norm and dropout: during finetuning the explainer network is in eval
+# mode, so batch norm uses its (frozen) running statistics, its affine weights
+# are finetuned, and dropout is off. This keeps an image's result independent
+# of the other images in its batch (batch statistics of a one-image batch would
+# also differ from pretraining) and makes vmap well defined.
+
+def check_module(module: Any) -> None:
+    if getattr(module, "kind", None) != "ltx" or not hasattr(module, "objective"):
+        kind = getattr(module, "kind", type(module).__name__)
+        raise TypeError(f"module: expected a pretrained LTX explainer (kind 'ltx', explainer.load of an LTX "
+                        f"checkpoint), got {kind!r}")
+
+
+def check_steps(steps: Any) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1 finetuning steps, got {steps!r} (the pretrained "
+                         "explainer without finetuning, pLTX, is module.explain(x, targets))")
+    return steps
+
+
+def check_lr(lr: Any) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr == float("inf"):
+        raise ValueError(f"lr: expected a learning rate > 0, got {lr!r}")
+    return float(lr)
+
+
+def check_objective(objective: Any) -> dict:
+    """Finetuning-time settings of the objective that replace the pretraining ones (None: keep them all)."""
+    if objective is None:
+        return {}
+    if not isinstance(objective, dict):
+        raise TypeError(f"objective: expected a dict of {list(OBJECTIVE_KEYS)}, got {type(objective).__name__}")
+    unknown = sorted(set(objective) - set(OBJECTIVE_KEYS))
+    if unknown:
+        raise ValueError(f"objective: unknown key(s) {unknown}; expected among {list(OBJECTIVE_KEYS)}")
+    out = {k: v for k, v in objective.items() if v is not None}
+    try:
+        check_objective_settings(**out)
+    except ValueError as err:
+        raise ValueError(f"objective: {err}") from err
+    return out
+
+
+# Finetuning settings. "validated": chosen on validation images of the embedded benchmark (docs/RESULTS.md):
+# 10 steps at lr 1e-4, BCE to the explained class (mode "predicted"), the mean-colour baseline and the curve
+# term in place of the inverse term. "paper": the official code's (up to 25 steps at lr 2e-3, the pretraining
+# objective and target mode). A pLTX checkpoint records its own settings (LTXModule(finetuning=...));
+# checkpoints that record none use "validated".
+FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
+    "validated": {"steps": 10, "lr": 1e-4, "mode": "predicted",
+                  "objective": {"baseline": "mean", "lambda_inverse": 0.0, "lambda_curve": 3.0,
+                                "curve_areas": [0.05, 0.1, 0.25, 0.5]}},
+    "paper": {"steps": 25, "lr": 2e-3, "mode": None, "objective": {}},
+}
+FINETUNE_KEYS = ("steps", "lr", "mode", "objective")
+
+
+def check_finetuning(settings: Any) -> dict[str, Any]:
+    """Complete finetuning settings (``steps``, ``lr``, ``mode``, ``objective``); None: the "validated" preset,
+    a preset name: that preset, a dict: those keys over the "validated" preset."""
+    if settings is None:
+        settings = "validated"
+    if isinstance(settings, str):
+        if settings not in FINETUNE_PRESETS:
+            raise ValueError(f"finetuning: expected a preset among {sorted(FINETUNE_PRESETS)} or a dict, "
+                             f"got {settings!r}")
+        settings = FINETUNE_PRESETS[settings]
+    if not isinstance(settings, dict):
+        raise TypeError(f"finetuning: expected a dict of {list(FINETUNE_KEYS)} or a preset name, "
+                        f"got {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(FINETUNE_KEYS))
+    if unknown:
+        raise ValueError(f"finetuning: unknown key(s) {unknown}; expected among {list(FINETUNE_KEYS)}")
+    out = {**FINETUNE_PRESETS["validated"], **settings}
+    out["steps"], out["lr"] = check_steps(out["steps"]), check_lr(out["lr"])
+    if out["mode"] is not None and out["mode"] not in TARGET_MODES:
+        raise ValueError(f"finetuning.mode: expected one of {TARGET_MODES} or None, got {out['mode']!r}")
+    out["objective"] = check_objective(out["objective"])
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in out.items()}
+
+
+def finetune_settings(module: Any, preset: str | None = None, **given: Any) -> dict[str, Any]:
+    """The settings a finetuning call uses: ``preset`` (or those recorded in ``module``), then every argument
+    given as not None."""
+    if preset is not None and preset not in FINETUNE_PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(FINETUNE_PRESETS)} or None, got {preset!r}")
+    base = FINETUNE_PRESETS[preset] if preset else module.hparams.get("finetuning") or FINETUNE_PRESETS["validated"]
+    return check_finetuning({**base, **{k: v for k, v in given.items() if v is not None}})
+
+
+@contextlib.contextmanager
+def _finetuning(module, objective: dict | None = None) -> Iterator[None]:
+    """Explainer in eval mode (frozen BN statistics, no dropout), explanandum checks off, the finetuning
+    ``objective`` settings in place of the pretraining ones; all restored on exit."""
+    net, f, hp = module.net, module.explanandum, module.hparams
+    was_training, old_validate = net.training, getattr(f, "validate", True)
+    objective = objective or {}
+    saved = {k: hp[k] for k in objective}
+    net.eval()
+    f.validate = False  # the loop feeds masked images it built from checked inputs
+    try:
+        hp.update(objective)
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        hp.update(saved)
+        net.train(was_training)
+        f.validate = old_validate
+
+
+def _prepare(module, x: torch.Tensor, targets: Any, mode: str | None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    check_module(module)
+    check_images(x)
+    mode = mode or module.hparams.target
+    if mode not in ("groundtruth", "predicted", "kl"):
+        raise ValueError(f"mode: expected 'groundtruth', 'predicted' or 'kl', got {mode!r}")
+    x = x.detach().to(module.device).clone()
+    if targets is None:
+        if mode == "groundtruth":
+            raise ValueError("targets: this explainer's target mode is 'groundtruth', so finetuning needs the class "
+                             "to explain (targets=...), or mode='predicted' to use the classifier's top-1")
+        with torch.no_grad():
+            t = predicted_classes(module.explanandum, x)
+    else:
+        t = check_targets(targets, x.shape[0], module.num_classes, x.device, name="targets")
+    return x, t, mode
+
+
+def _optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # foreach=False: the same arithmetic for stacked and per-image tensors
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
+
+
+def finetune(module, x: torch.Tensor, targets: Any = None, steps: int | None = None, lr: float | None = None, *,
+             mode: str | None = None, weight_decay: float | None = None, batch_size: int = 16,
+             objective: dict | None = None, preset: str | None = None) -> torch.Tensor:
+    """LTX masks: ``steps`` AdamW steps per image from the pretrained explainer, all images at once.
+
+    Args:
+        module: a pretrained :class:`LTXModule` (left unchanged).
+        x: images (B, 3, H, W) RGB in [0, 1].
+        targets: the class to explain per image (int | list[int] | LongTensor (B,));
+            None: the classifier's top-1 (not allowed when the objective is
+            "groundtruth": the ground-truth class must be given).
+        steps: optimiser steps per image (>= 1).
+        lr: AdamW learning rate (constant; fresh optimiser state per image).
+        mode: objective target mode ("groundtruth", "predicted", "kl").
+        weight_decay: AdamW weight decay; None: the pretraining value.
+        batch_size: images finetuned together (memory holds one explainer copy,
+            plus AdamW state, per image).
+        objective: finetuning settings of the objective in place of the
+            pretraining ones, among ``lambda_mask``, ``lambda_inverse``,
+            ``baseline``, ``mask_penalty``, ``kl_scope``, ``lambda_curve``,
+            ``curve_areas``, ``curve_temperature`` ({}: the pretraining objective).
+        preset: where ``steps``, ``lr``, ``mode`` and ``objective`` left at None come from: None, the settings
+            recorded in the checkpoint (by default the "validated" preset, chosen on validation images);
+            "validated"; or "paper" (25 steps at lr 2e-3 with the pretraining objective and target mode).
+
+    Returns:
+        masks (B, 1, H, W) in [0, 1] of the target classes, on ``x``'s device.
+    """
+    check_module(module)
+    st = finetune_settings(module, preset, steps=steps, lr=lr, mode=mode, objective=objective)
+    steps, lr, mode, objective = st["steps"], st["lr"], st["mode"], st["objective"]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    check_images(x)
+    wd = module.weight_decay if weight_decay is None else float(weight_decay)
+    out = []
+    if x.shape[0] == 0:
+        return torch.zeros(0, 1, *x.shape[-2:], device=x.device)
+    with _finetuning(module, objective):
+        xd, t, mode = _prepare(module, x, targets, mode)
+        for i in range(0, xd.shape[0], batch_size):
+            out.append(_finetune_batch(module, xd[i:i + batch_size], t[i:i + batch_size], steps, lr, wd, mode))
+    return torch.cat(out).to(x.device)
+
+
+def _finetune_batch(module, x, t, steps, lr, wd, mode) -> torch.Tensor:
+    net, f = module.net, module.explanandum
+    B, size = x.shape[0], x.shape[-2:]
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    fixed = {n: p.detach() for n, p in net.named_parameters() if not p.requires_grad}
+    fixed.update(dict(net.named_buffers()))
+    stacked = {n: p.detach().unsqueeze(0).repeat(B, *([1] * p.dim())).requires_grad_(True)
+               for n, p in net.named_parameters() if p.requires_grad}
+    opt = _optimizer([stacked[n] for n in names], lr, wd)
+    k = module.mask_channel(t)
+    with torch.no_grad():
+        logits = f(x).float()
+        z_in = module.net_input(x)
+    onehot = F.one_hot(t, module.num_classes).float()
+
+    def one(params, zi, ki):
+        S = functional_call(net, (params, fixed), (zi.unsqueeze(0),))[0]  # (K, h, w)
+        return S.index_select(0, ki.reshape(1))
+
+    def logits_of(params):
+        return module.to_size(vmap(one)(params, z_in, k), size)  # (B, 1, H, W)
+
+    for _ in range(steps):
+        loss = module.objective(x, logits_of(stacked), onehot, logits, mode)["loss"].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return torch.sigmoid(logits_of(stacked)).float()
+
+
+def finetune_loop(module, x: torch.Tensor, targets: Any = None, steps: int | None = None, lr: float | None = None,
+                  *, mode: str | None = None, weight_decay: float | None = None,
+                  objective: dict | None = None, preset: str | None = None) -> torch.Tensor:
+    """The plain reference of :func:`finetune`: one deep copy of the explainer and one AdamW per image.
+
+    Same arguments and result as :func:`finetune` (up to floating-point rounding).
+    """
+    check_module(module)
+    st = finetune_settings(module, preset, steps=steps, lr=lr, mode=mode, objective=objective)
+    steps, lr, mode, objective = st["steps"], st["lr"], st["mode"], st["objective"]
+    check_images(x)
+    wd = module.weight_decay if weight_decay is None else float(weight_decay)
+    f = module.explanandum
+    out = []
+    with _finetuning(module, objective):
+        xd, t, mode = _prepare(module, x, targets, mode)
+        for i in range(xd.shape[0]):
+            xi, ti = xd[i:i + 1], t[i:i + 1]
+            net = copy.deepcopy(module.net).eval()
+            opt = _optimizer([p for p in net.parameters() if p.requires_grad], lr, wd)
+            k = int(module.mask_channel(ti))
+            with torch.no_grad():
+                logits = f(xi).float()
+            onehot = F.one_hot(ti, module.num_classes).float()
+            for _ in range(steps):
+                z = module.mask_logits(xi, net=net)[:, k:k + 1]
+                loss = module.objective(xi, z, onehot, logits, mode)["loss"].sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                out.append(torch.sigmoid(module.mask_logits(xi, net=net)[:, k:k + 1]).float())
+    return torch.cat(out).to(x.device)

@@ -8,15 +8,13 @@
 ``available()`` lists the names; ``register(name)`` adds a :class:`Method` subclass (or a factory
 ``(f, **options) -> Method``). Modules: :mod:`.cam` (gradcam, gradcam++), :mod:`.gradient` (saliency,
 integrated_gradients), :mod:`.perturbation` (rise, occlusion), :mod:`.extremal` (extremal_perturbation),
-:mod:`.inr_extremal` (inr_extremal_perturbation, :func:`multiple_masks`), :mod:`.dix`, :mod:`.iia`, and
-:mod:`.amortized` (explainer, ltx) when present.
+:mod:`.inr_extremal` (inr_extremal_perturbation, :func:`multiple_masks`), :mod:`.dix`, :mod:`.iia`. The trained
+explainers register "explainer", "ltx" and "pltx" from :mod:`explainer.explainers.methods`.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
+from explainer.core.targets import resolve_targets
 from explainer.methods import cam, dix, extremal, gradient, iia, inr_extremal, perturbation
 from explainer.methods.base import (
     Method,
@@ -26,15 +24,9 @@ from explainer.methods.base import (
     forward_hooks,
     get,
     register,
-    resolve_targets,
 )
 from explainer.methods.extremal import achieved_area, extremal_perturbation
 from explainer.methods.inr_extremal import multiple_masks
-
-# The amortized explainers ("explainer", "ltx") live in a module another part of the project writes; it
-# registers itself on import, and may not exist yet.
-if importlib.util.find_spec("explainer.methods.amortized") is not None:
-    importlib.import_module("explainer.methods.amortized")
 
 __all__ = ["Method", "available", "get", "register", "resolve_targets", "find_layer", "default_layers",
            "forward_hooks", "extremal_perturbation", "achieved_area", "multiple_masks",

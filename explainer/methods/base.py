@@ -2,7 +2,8 @@
 
 * :class:`Method` -- constructor ``Method(f, **options)``, ``attribute(x, target) -> (B, 1, H, W)``.
 * the registry -- :func:`register`, :func:`available`, :func:`get` (names -> classes, one place).
-* targets -- :func:`resolve_targets` turns ``int | list[int] | LongTensor (B,) | None`` into ``LongTensor (B,)``.
+* targets -- :func:`resolve_targets` (from :mod:`explainer.core.targets`) turns ``int | list[int] | LongTensor (B,)
+  | None`` into ``LongTensor (B,)``.
 * layers -- :func:`find_layer`, :func:`default_layers`: modules chosen by dotted name inside ``f.model``.
 * hooks -- :func:`forward_hooks`, :func:`capture_outputs`: context managers that always remove their
   hooks, also when the body raises (the Zennit pattern).
@@ -14,21 +15,27 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import numbers
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Iterator, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from explainer.explanandum import Explanandum, check_images, load_explanandum
-
-TargetLike = int | Sequence[int] | torch.Tensor | None
-
-# --------------------------------------------------------------------------------------------- registry --
-_REGISTRY: dict[str, Callable[..., "Method"]] = {}
+from explainer.core.images import check_images
+from explainer.core.models import is_vit
+from explainer.core.registry import Registry
+from explainer.core.targets import TargetLike, resolve_targets
+from explainer.explanandum import Explanandum, load_explanandum
 
 T = TypeVar("T")
+
+# --------------------------------------------------------------------------------------------- registry --
+METHODS: Registry[Callable[..., "Method"]] = Registry("method")
+_REGISTRY = METHODS._items  # the registry's own dict (tests remove throw-away entries through it)
+
+
+def _name_method(name: str, obj: Any) -> None:
+    if isinstance(obj, type) and issubclass(obj, Method) and not obj.__dict__.get("name"):
+        obj.name = name
 
 
 def register(name: str) -> Callable[[T], T]:
@@ -37,27 +44,12 @@ def register(name: str) -> Callable[[T], T]:
     Registering a different object under a taken name is an error; re-registering the same class (a
     module reloaded) replaces it.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name: expected a non-empty string, got {name!r}")
-
-    def deco(obj: T) -> T:
-        old = _REGISTRY.get(name)
-        if old is not None and old is not obj and (
-                getattr(old, "__module__", None), getattr(old, "__qualname__", None)) != (
-                getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)):
-            raise ValueError(f"name: method {name!r} is already registered to "
-                             f"{old.__module__}.{old.__qualname__}")
-        _REGISTRY[name] = obj  # type: ignore[assignment]
-        if isinstance(obj, type) and issubclass(obj, Method) and not obj.__dict__.get("name"):
-            obj.name = name
-        return obj
-
-    return deco
+    return METHODS.register(name, hook=_name_method)
 
 
 def available() -> list[str]:
     """Names of all registered methods, sorted."""
-    return sorted(_REGISTRY)
+    return METHODS.available()
 
 
 def get(name: str, f: nn.Module | str | None, **options: Any) -> "Method":
@@ -65,63 +57,16 @@ def get(name: str, f: nn.Module | str | None, **options: Any) -> "Method":
 
     ``f`` may be an :class:`~explainer.explanandum.Explanandum`, a bare ``nn.Module`` (wrapped with
     :func:`explainer.load_explanandum`) or anything ``load_explanandum`` resolves (``"timm:<name>"``, a
-    checkpoint path).
+    checkpoint path). An option the method does not take is an error that names the method.
     """
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3)
-        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-        raise ValueError(f"name: unknown method {name!r}{hint}; available: {', '.join(available())}")
-    return _REGISTRY[name](f, **options)
-
-
-# ----------------------------------------------------------------------------------------------- targets --
-def resolve_targets(f: Explanandum, x: torch.Tensor, target: TargetLike) -> torch.LongTensor:
-    """``target`` as a LongTensor (B,) on ``x``'s device.
-
-    ``None`` means the predicted top-1 class ``argmax_c f(x)[:, c]``; an int applies to every image; a list
-    or a tensor gives one class per image (a 0-d tensor counts as an int).
-    """
-    if target is None:
-        with torch.no_grad():
-            return f(x).argmax(dim=1)
-    return check_targets(target, x.shape[0], f.num_classes, x.device)
-
-
-def check_targets(target: Any, b: int, c: int | None, device: torch.device | str | None = None,
-                  name: str = "target") -> torch.LongTensor:
-    """int | list[int] | LongTensor (B,) -> LongTensor (B,) of class indices in [0, c - 1] (c None: >= 0);
-    clear errors otherwise."""
-    if target is None:
-        raise TypeError(f"{name}: expected int | list[int] | LongTensor (B,), got None")
-    if isinstance(target, bool):
-        raise TypeError(f"{name}: expected int | list[int] | LongTensor (B,) | None, got bool")
-    if isinstance(target, numbers.Integral):
-        t = torch.full((b,), int(target), dtype=torch.long, device=device)
-    elif isinstance(target, torch.Tensor):
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise TypeError(f"{name}: expected an integer (Long) tensor of class indices, got dtype {target.dtype}")
-        if target.dim() == 0:
-            target = target.expand(b)
-        if target.dim() != 1 or target.shape[0] != b:
-            raise ValueError(f"{name}: expected shape ({b},) (one class per image), got {tuple(target.shape)}")
-        t = target.to(device=device, dtype=torch.long)
-    elif isinstance(target, Sequence) and not isinstance(target, str):
-        if len(target) != b:
-            raise ValueError(f"{name}: expected {b} class indices (one per image), got {len(target)}")
-        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in target):
-            raise TypeError(f"{name}: expected a list of ints, got {list(target)!r}")
-        t = torch.tensor([int(v) for v in target], dtype=torch.long, device=device)
-    else:
-        raise TypeError(f"{name}: expected int | list[int] | LongTensor (B,) | None, got {type(target).__name__}")
-    if c is None:  # no known class count: indices must only be >= 0
-        if t.numel() and int(t.min()) < 0:
-            raise ValueError(f"{name}: class indices must be >= 0, got {t[t < 0].tolist()}")
-        return t
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
-        bad = t[(t < 0) | (t >= c)].tolist()
-        raise ValueError(f"{name}: class indices must lie in [0, {c - 1}] for this {c}-class explanandum, "
-                         f"got {bad}")
-    return t
+    factory = METHODS.get(name)
+    try:
+        return factory(f, **options)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise TypeError(f"method {name!r}: {err}; its options are those of "
+                        f"{getattr(factory, '__qualname__', factory)}") from err
 
 
 # ------------------------------------------------------------------------------------------------ layers --
@@ -154,13 +99,6 @@ def _normalise_path(model: nn.Module, name: str) -> str:
         mod = mod._modules.get(p) if mod is not None else None
         out.append(p)
     return ".".join(out)
-
-
-def is_vit(model: nn.Module) -> bool:
-    """A timm-style vision transformer: ``blocks`` whose members have an ``attn`` with ``attn_drop``."""
-    blocks = getattr(model, "blocks", None)
-    return (isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0
-            and hasattr(getattr(blocks[0], "attn", None), "attn_drop") and hasattr(model, "patch_embed"))
 
 
 def default_layers(model: nn.Module) -> tuple[str, str]:
@@ -316,28 +254,6 @@ def trapezoid_weights(steps: int, device: torch.device | str | None = None,
     w = torch.full((steps + 1,), 1.0 / steps, device=device, dtype=dtype)
     w[0] = w[-1] = 0.5 / steps
     return alphas, w
-
-
-def minmax_normalize(m: torch.Tensor, rel_eps: float = 1e-6) -> torch.Tensor:
-    """Per image and channel: ``(m - min) / (max - min)`` over the spatial dims.
-
-    A map whose range is below ``rel_eps`` of its magnitude (a constant map, such as the upsampled 1x1 map
-    of a late layer at a small input size) becomes 0 instead of amplified rounding noise.
-    """
-    flat = m.flatten(2)
-    lo = flat.min(dim=2, keepdim=True).values
-    hi = flat.max(dim=2, keepdim=True).values
-    rng = hi - lo
-    flat_enough = rng <= rel_eps * torch.maximum(hi.abs(), lo.abs()) + 1e-30
-    out = (flat - lo) / torch.where(flat_enough, torch.ones_like(rng), rng)
-    return torch.where(flat_enough, torch.zeros_like(out), out).view_as(m)
-
-
-def upsample(m: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
-    """Resize maps (B, K, h, w) to ``size`` (align_corners=False)."""
-    if tuple(m.shape[-2:]) == tuple(size):
-        return m
-    return F.interpolate(m, size=tuple(size), mode=mode, align_corners=False)
 
 
 def chunks(n: int, size: int) -> Iterator[slice]:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from explainer.core.maps import upsample
 from explainer.methods.base import (
     Method,
     capture_outputs,
@@ -19,7 +20,6 @@ from explainer.methods.base import (
     register,
     target_scores,
     tokens_to_map,
-    upsample,
 )
 
 

@@ -34,18 +34,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from explainer.core.maps import minmax_normalize, upsample
+from explainer.core.models import is_vit
 from explainer.methods.base import (
     Method,
     check_steps,
     forward_hooks,
-    is_vit,
-    minmax_normalize,
     no_validation,
     progress_bar,
     register,
     run_expanded,
     target_scores,
-    upsample,
 )
 from explainer.methods.iia import _expand_path, layer_reference
 from explainer.methods.vit import attention_probe, rollout, tokens_to_image, weighted_attention

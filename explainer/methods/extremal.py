@@ -37,18 +37,18 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from explainer.explanandum import check_images, load_explanandum
-from explainer.masking import apply_mask, baseline_image, blur, check_baseline
+from explainer.core.images import check_images
+from explainer.core.masking import apply_mask, baseline_image, blur, check_baseline
+from explainer.core.targets import TargetLike, resolve_targets
+from explainer.explanandum import load_explanandum
 from explainer.methods.base import (
     Method,
-    TargetLike,
     check_areas,
     check_steps,
     chunks,
     no_validation,
     progress_bar,
     register,
-    resolve_targets,
 )
 
 VARIANTS = ("preserve", "delete", "dual")

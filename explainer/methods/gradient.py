@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from explainer.masking import baseline_image, check_baseline
+from explainer.core.masking import baseline_image, check_baseline
 from explainer.methods.base import Method, check_steps, no_validation, register
 
 _AGGREGATES = ("sum", "abs", "max")

@@ -44,21 +44,20 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from explainer.masking import baseline_image, check_baseline
+from explainer.core.maps import minmax_normalize, upsample
+from explainer.core.masking import baseline_image, check_baseline
+from explainer.core.models import is_vit
 from explainer.methods.base import (
     Method,
     capture_outputs,
     check_steps,
     forward_hooks,
-    is_vit,
-    minmax_normalize,
     no_validation,
     progress_bar,
     register,
     run_expanded,
     target_scores,
     trapezoid_weights,
-    upsample,
 )
 from explainer.methods.vit import attention_probe, rollout, tokens_to_image, weighted_attention
 

@@ -34,18 +34,18 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from explainer.explanandum import check_images, load_explanandum
-from explainer.masking import check_baseline
+from explainer.core.images import check_images
+from explainer.core.masking import check_baseline
+from explainer.core.targets import TargetLike, resolve_targets
+from explainer.explanandum import load_explanandum
 from explainer.methods.base import (
     Method,
-    TargetLike,
     check_areas,
     check_steps,
     chunks,
     no_validation,
     progress_bar,
     register,
-    resolve_targets,
 )
 from explainer.methods.extremal import (
     REWARDS,

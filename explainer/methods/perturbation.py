@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explainer.masking import apply_mask, baseline_image, check_baseline
+from explainer.core.masking import apply_mask, baseline_image, check_baseline
 from explainer.methods.base import Method, check_steps, chunks, no_validation, progress_bar, register
 
 

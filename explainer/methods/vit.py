@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from explainer.methods.base import forward_hooks, grid_size, is_vit, upsample
+from explainer.core.maps import upsample
+from explainer.core.models import is_vit
+from explainer.methods.base import forward_hooks, grid_size
 
 
 def check_vit(model: nn.Module, what: str = "f") -> None:

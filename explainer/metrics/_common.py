@@ -12,7 +12,9 @@ from typing import Sequence
 
 import torch
 
-from explainer.masking import BASELINES, apply_mask, baseline_image
+from explainer.core.maps import minmax_normalize
+from explainer.core.masking import BASELINES, apply_mask, baseline_image
+from explainer.core.targets import resolve_targets
 
 Target = int | Sequence[int] | torch.Tensor | None
 SCORES = ("probability", "logit", "accuracy")
@@ -59,21 +61,11 @@ def _shape_of(maps: torch.Tensor, name: str = "maps") -> tuple[int, int, int]:
 
 
 def resolve_target(f, x: torch.Tensor, target: Target, max_batch: int = 256) -> torch.Tensor:
-    """Targets as a LongTensor (N,) on ``x``'s device; ``None`` means the predicted top-1 class.
-
-    Accepts an int (the same class for every image), a list of ints or a
-    LongTensor (N,). Raises ValueError for a wrong length or a class outside
-    ``[0, f.num_classes)``.
-    """
-    n = x.shape[0]
-    if target is None:
-        with torch.no_grad():
-            return torch.cat([f(x[i:i + max_batch]).argmax(1) for i in range(0, n, max_batch)]).to(x.device)
-    from explainer.methods.base import check_targets  # the project's one target vocabulary
-
+    """Targets as a LongTensor (N,) on ``x``'s device; ``None`` means the predicted top-1 class
+    (:func:`explainer.core.targets.resolve_targets`). Every bad target is reported as a ValueError here."""
     try:
-        return check_targets(target, n, getattr(f, "num_classes", None), x.device)
-    except TypeError as err:  # metrics report every bad target as a ValueError
+        return resolve_targets(f, x, target, max_batch)
+    except TypeError as err:
         raise ValueError(str(err)) from err
 
 
@@ -103,13 +95,8 @@ def baseline_images(f, x: torch.Tensor, baseline: str | torch.Tensor, blur_sigma
 
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:
-    """Per-map min-max normalisation to [0, 1]; a constant map becomes all zeros. Shape kept."""
-    flat = maps.flatten(1)
-    lo = flat.min(1, keepdim=True).values
-    hi = flat.max(1, keepdim=True).values
-    span = hi - lo
-    out = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
-    return out.view_as(maps)
+    """Per-map min-max normalisation to [0, 1]; only an exactly constant map becomes all zeros. Shape kept."""
+    return minmax_normalize(maps, rel_eps=0.0)
 
 
 def pixel_ranks(maps: torch.Tensor, descending: bool = True) -> torch.Tensor:

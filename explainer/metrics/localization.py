@@ -18,9 +18,9 @@ from typing import Sequence
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
+from explainer.core.constants import VOID
 from explainer.metrics._common import Target, _shape_of, check_maps, minmax
 
-VOID = 255
 FIXED_F1_THRESHOLDS = (0.25, 0.5, 0.75)  # the Explainer paper's discrete F1
 FIXED_IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the Explainer paper's IoU
 

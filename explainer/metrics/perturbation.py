@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from explainer.masking import apply_mask
+from explainer.core.masking import apply_mask
 from explainer.metrics._common import (
     Target,
     baseline_images,

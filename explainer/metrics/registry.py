@@ -16,12 +16,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from explainer.core.registry import Registry
 from explainer.metrics import localization as loc
 from explainer.metrics import perturbation as pert
 from explainer.metrics.sanity import rank_correlation
 
 TARGET_TEXT = "the evaluated target class of each (image, class) pair: ground truth or predicted, as configured"
-BASELINE_TEXT = "the configured baseline (mean | black | blur), via explainer.masking.apply_mask"
+BASELINE_TEXT = "the configured baseline (mean | black | blur), via explainer.core.masking.apply_mask"
 NO_BASELINE = "none (no perturbation)"
 
 
@@ -267,7 +268,14 @@ _SPECS: list[MetricSpec] = [
                "trained and of the fully re-initialised explanandum, mean over pairs", _randomization,
                _mean("value"), needs_random_maps=True, options=("absolute", "cascade", "seed")),
 ]
-METRICS: dict[str, MetricSpec] = {s.name: s for s in _SPECS}
+METRICS: Registry[MetricSpec] = Registry("metric")
+for _spec in _SPECS:
+    METRICS.add(_spec.name, _spec)
+
+
+def register(spec: MetricSpec) -> MetricSpec:
+    """Add a metric (a :class:`MetricSpec`) under ``spec.name``; a taken name is an error."""
+    return METRICS.add(spec.name, spec)
 DEFAULT_METRICS = ("deletion_auc", "insertion_auc", "pos_auc", "neg_auc", "adp", "pic", "pointing_game",
                    "pixel_accuracy", "miou", "f1", "pixel_ap", "saliency_metric")
 
@@ -278,10 +286,8 @@ def available() -> list[str]:
 
 
 def get(name: str) -> MetricSpec:
-    """The spec of metric ``name``; ValueError naming the known metrics otherwise."""
-    if name not in METRICS:
-        raise ValueError(f"metric: unknown metric {name!r}; expected one of {available()}")
-    return METRICS[name]
+    """The spec of metric ``name``; ValueError naming the close and the known metrics otherwise."""
+    return METRICS.get(name)
 
 
 def describe(names: list[str] | None = None) -> dict[str, dict[str, Any]]:

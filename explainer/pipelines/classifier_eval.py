@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torchmetrics.classification import MultilabelAveragePrecision
 from tqdm import tqdm
 
-from explainer.data.base import IGNORE
+from explainer.core.constants import VOID
 
 
 def erase_objects(x: torch.Tensor, mask: torch.Tensor, dilate: int = 3, iters: int = 60) -> torch.Tensor:
     """Erase every object (mask > 0, void included) from images x (B, 3, H, W), inpainting by diffusion."""
-    obj = ((mask > 0) | (mask == IGNORE)).float()[:, None]
+    obj = ((mask > 0) | (mask == VOID)).float()[:, None]
     if dilate:
         obj = F.max_pool2d(obj, 2 * dilate + 1, stride=1, padding=dilate)
     keep = 1 - obj

@@ -48,28 +48,79 @@ The config (YAML)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
+from jsonargparse import ArgumentParser
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader
 
 from explainer import metrics as M
-from explainer.io import atomic_path, atomic_write_text
+from explainer.core.io import atomic_path, atomic_write_text
+from explainer.core.maps import minmax_normalize
+from explainer.core.targets import predicted_classes
+from explainer.data.base import seeded_subset
+from explainer.explanandum import import_object, load_explanandum
+from explainer.methods import base as method_registry
+from explainer.pipelines.args import parse, parse_object
 
-KEYS = {"explanandum", "data", "datamodule", "split", "num_images", "seed", "target", "baseline", "methods",
-        "metrics", "metric_options", "batch_size", "method_batch_size", "max_batch", "num_workers", "device",
-        "figure_images"}
 TARGETS = ("groundtruth", "predicted")
 
 
 # ----------------------------------------------------------------------------------------------- config --
+def config_parser() -> ArgumentParser:
+    """The jsonargparse parser of an evaluation config: every key typed, with its default."""
+    p = ArgumentParser(prog="python -m explainer evaluate", exit_on_error=False,
+                       description="Evaluate attribution methods with the papers' metrics (see the keys below).")
+    p.add_argument("--config", action="config", help="evaluation YAML (see explainer/pipelines/evaluate.py)")
+    p.add_argument("--explanandum", type=str | dict[str, Any], required=True,
+                   help="classifier spec, or {spec: ..., num_classes: ..., weights: ...}")
+    p.add_argument("--data", type=dict[str, Any], required=True,
+                   help="the datamodule: {class_path: ..., init_args: {...}}")
+    p.add_argument("--split", type=str, default="test")
+    p.add_argument("--num_images", "--num-images", type=int | None, default=None,
+                   help="seeded fixed subset of the split (null: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target", type=Literal["groundtruth", "predicted"], default="groundtruth")
+    p.add_argument("--baseline", type=Literal["mean", "black", "blur"], default="mean",
+                   help="the fill of removed pixels in the metrics")
+    p.add_argument("--methods", type=dict[str, dict[str, Any] | None], required=True,
+                   help="name -> options of explainer.methods.get(name, f, **options)")
+    p.add_argument("--metrics", type=list[str] | None, default=None,
+                   help="metric names (null: explainer.metrics.DEFAULT_METRICS)")
+    p.add_argument("--metric_options", type=dict[str, dict[str, Any]], default={})
+    p.add_argument("--batch_size", type=PositiveInt, default=8, help="images per data batch")
+    p.add_argument("--method_batch_size", type=PositiveInt | None, default=None,
+                   help="maps per attribute() call (null: all pairs of a batch)")
+    p.add_argument("--max_batch", type=PositiveInt, default=128,
+                   help="images per explanandum pass inside the metrics (memory bound)")
+    p.add_argument("--num_workers", type=NonNegativeInt, default=0)
+    p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:1")
+    p.add_argument("--figure_images", type=NonNegativeInt, default=6)
+    return p
+
+
+KEYS = ("explanandum", "data", "split", "num_images", "seed", "target", "baseline", "methods", "metrics",
+        "metric_options", "batch_size", "method_batch_size", "max_batch", "num_workers", "device", "figure_images")
+
+
+def _parse(parser: ArgumentParser, cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        out = parse_object(parser, cfg, where).as_dict()
+    except ValueError as err:
+        if "is not accepted" in str(err):
+            raise ValueError(f"{where}: unknown key(s) {sorted(set(cfg) - set(KEYS))}; expected some of "
+                             f"{list(KEYS)}") from None
+        raise
+    out.pop("config", None)
+    return out
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read and validate an evaluation config; defaults filled in. ValueError names a bad key."""
     path = Path(path)
@@ -78,52 +129,20 @@ def load_config(path: str | Path) -> dict[str, Any]:
     cfg = yaml.safe_load(path.read_text()) or {}
     if not isinstance(cfg, dict):
         raise ValueError(f"config: {str(path)!r} must hold a mapping, got {type(cfg).__name__}")
-    return validate_config(cfg)
+    return validate_config(cfg, where=f"config {str(path)!r}")
 
 
-def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    cfg = dict(cfg)
-    unknown = set(cfg) - KEYS
-    if unknown:
-        raise ValueError(f"config: unknown key(s) {sorted(unknown)}; expected some of {sorted(KEYS)}")
-    if "data" in cfg and "datamodule" in cfg:
-        raise ValueError("config: give 'data' or 'datamodule', not both")
-    cfg["data"] = cfg.pop("datamodule", cfg.get("data"))
-    for key in ("explanandum", "data", "methods"):
-        if not cfg.get(key):
-            raise ValueError(f"config: {key!r} is required")
-    if not isinstance(cfg["data"], dict) or "class_path" not in cfg["data"]:
-        raise ValueError(f"config.data: expected {{class_path: ..., init_args: {{...}}}}, got {cfg['data']!r}")
-    if not isinstance(cfg["methods"], dict):
-        raise ValueError(f"config.methods: expected a mapping name -> options, got {cfg['methods']!r}")
-    for name, opts in cfg["methods"].items():
-        if opts is not None and not isinstance(opts, dict):
-            raise ValueError(f"config.methods.{name}: expected a mapping of options, got {opts!r}")
+def validate_config(cfg: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """Type-check ``cfg`` with :func:`config_parser` and fill in the defaults; ValueError names a bad key."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: expected a mapping of settings, got {type(cfg).__name__}")
+    cfg = _parse(config_parser(), {k: v for k, v in cfg.items() if k != "config"}, where)
+    if "class_path" not in cfg["data"]:
+        raise ValueError(f"{where}.data: expected {{class_path: ..., init_args: {{...}}}}, got {cfg['data']!r}")
+    if not cfg["methods"]:
+        raise ValueError(f"{where}.methods: expected at least one method")
     cfg["methods"] = {k: dict(v or {}) for k, v in cfg["methods"].items()}
-    cfg.setdefault("split", "test")
-    cfg.setdefault("num_images", None)
-    cfg.setdefault("seed", 0)
-    cfg.setdefault("target", "groundtruth")
-    cfg.setdefault("baseline", "mean")
-    cfg["metrics"] = list(cfg.get("metrics") or M.DEFAULT_METRICS)
-    cfg["metric_options"] = dict(cfg.get("metric_options") or {})
-    cfg.setdefault("batch_size", 8)
-    cfg.setdefault("method_batch_size", None)
-    cfg.setdefault("max_batch", 128)
-    cfg.setdefault("num_workers", 0)
-    cfg.setdefault("device", "auto")
-    cfg.setdefault("figure_images", 6)
-    if cfg["target"] not in TARGETS:
-        raise ValueError(f"config.target: expected one of {TARGETS}, got {cfg['target']!r}")
-    from explainer.masking import check_baseline
-
-    check_baseline(cfg["baseline"])
-    for key in ("batch_size", "max_batch"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"config.{key}: expected a positive int, got {cfg[key]!r}")
-    n = cfg["num_images"]
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ValueError(f"config.num_images: expected a positive int or null, got {n!r}")
+    cfg["metrics"] = list(cfg["metrics"] or M.DEFAULT_METRICS)
     M.MetricTracker(cfg["metrics"], cfg["metric_options"])  # unknown metric names / options: ValueError now
     return cfg
 
@@ -139,8 +158,6 @@ def resolve_device(name: str) -> torch.device:
 
 def build_explanandum(spec: Any):
     """``spec`` a string for :func:`explainer.load_explanandum`, or a dict ``{spec: ..., **kwargs}``."""
-    from explainer import load_explanandum
-
     if isinstance(spec, dict):
         spec = dict(spec)
         if "spec" not in spec:
@@ -149,28 +166,9 @@ def build_explanandum(spec: Any):
     return load_explanandum(str(spec))
 
 
-def _import(path: str):
-    from explainer.explanandum import _import_factory
-
-    if ":" in path:
-        return _import_factory(path)
-    mod, _, attr = path.rpartition(".")
-    if not mod:
-        raise ValueError(f"class_path: expected 'package.module.Class', got {path!r}")
-    import importlib
-
-    try:
-        obj = getattr(importlib.import_module(mod), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"class_path: cannot import {path!r} ({err})") from err
-    return obj
-
-
 def build_dataset(data_cfg: dict, split: str, num_images: int | None, seed: int):
     """The evaluated images: the split (no augmentation) of the datamodule, seeded subset of ``num_images``."""
-    from explainer.data.base import seeded_subset
-
-    cls = _import(data_cfg["class_path"])
+    cls = import_object(data_cfg["class_path"], what="config.data.class_path")
     dm = cls(**dict(data_cfg.get("init_args") or {}))
     if hasattr(dm, "prepare_data"):
         dm.prepare_data()
@@ -191,22 +189,23 @@ def check_method_options(methods: dict[str, dict]) -> None:
                                             "(train or download it first, or remove the method)")
         if "factory" in opts:
             continue
-        try:
-            from explainer import methods as registry
-        except ImportError as err:
-            raise ValueError(f"config.methods.{name}: explainer.methods cannot be imported ({err})") from err
-        if name not in registry.available():
-            raise ValueError(f"config.methods: unknown method {name!r}; available: {registry.available()}")
+        if name not in method_registry.available():
+            try:
+                method_registry.METHODS.get(name)
+            except ValueError as err:
+                raise ValueError(f"config.methods: {err}") from None
 
 
 def build_method(name: str, f, opts: dict) -> Any:
     opts = dict(opts)
     factory = opts.pop("factory", None)
     if factory is not None:
-        return _import(str(factory))(f, **opts)
-    from explainer import methods as registry
-
-    return registry.get(name, f, **opts)
+        built = import_object(str(factory), what=f"config.methods.{name}.factory")
+        try:
+            return built(f, **opts)
+        except TypeError as err:
+            raise TypeError(f"method {name!r} ({factory}): {err}") from err
+    return method_registry.get(name, f, **opts)
 
 
 # ---------------------------------------------------------------------------------------------- running --
@@ -214,9 +213,7 @@ def make_pairs(f, x: torch.Tensor, labels: torch.Tensor, target: str, max_batch:
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(image_index, class)`` long (N,) each: every labelled class (groundtruth) or the top-1 (predicted)."""
     if target == "predicted":
-        with torch.no_grad():
-            pred = torch.cat([f(x[i:i + max_batch]).argmax(1) for i in range(0, x.shape[0], max_batch)])
-        return torch.arange(x.shape[0], device=x.device), pred
+        return torch.arange(x.shape[0], device=x.device), predicted_classes(f, x, max_batch)
     nz = (labels > 0.5).nonzero()
     return nz[:, 0].to(x.device), nz[:, 1].to(x.device)
 
@@ -374,7 +371,7 @@ def save_figure(figure: dict[str, Any], path: str | Path) -> Path | None:
             maps = figure["maps"][meth]
             if r < len(maps):
                 m = maps[r]
-                m = (m - m.min()) / (m.max() - m.min()) if float(m.max() - m.min()) > 0 else torch.zeros_like(m)
+                m = minmax_normalize(m, rel_eps=0.0)
                 ax.imshow(m.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
     axes[0, 0].set_title("image", fontsize=8)
     for c, meth in enumerate(methods, start=1):
@@ -411,21 +408,19 @@ def evaluate(config: str | Path | dict[str, Any], out: str | Path, progress: boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m explainer evaluate --config CONFIG.yaml --out results.json [--num-images N] [--device D]``."""
-    p = argparse.ArgumentParser(prog="python -m explainer evaluate",
-                                description="Evaluate attribution methods with the papers' metrics.")
-    p.add_argument("--config", required=True, help="evaluation YAML (see explainer/evaluate.py)")
+    """``python -m explainer evaluate --config CONFIG.yaml --out results.json [--num_images N] [--device D]``.
+
+    Every key of the config is also a flag (``--split val``, ``--methods '{...}'``); ``--print_config`` shows the
+    resolved settings.
+    """
+    p = config_parser()
     p.add_argument("--out", required=True, help="results.json path; results.md and results.png go beside it")
-    p.add_argument("--num-images", type=int, default=None, help="override num_images")
-    p.add_argument("--device", default=None, help="override device (auto | cpu | cuda)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    a = p.parse_args(sys.argv[1:] if argv is None else argv)
-    results = evaluate(a.config, a.out, progress=not a.no_progress,
-                       overrides={"num_images": a.num_images, "device": a.device})
+    p.add_argument("--no-progress", "--no_progress", dest="no_progress", action="store_true",
+                   help="hide the progress bars")
+    a = parse(p, argv).as_dict()
+    out, progress = a.pop("out"), not a.pop("no_progress")
+    a.pop("config", None)
+    results = evaluate(a, out, progress=progress)
     print(markdown_table(results))
-    print(f"wrote {a.out}, {Path(a.out).with_suffix('.md')}, {Path(a.out).with_suffix('.png')}")
+    print(f"wrote {out}, {Path(out).with_suffix('.md')}, {Path(out).with_suffix('.png')}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from explainer.core import viz
+from explainer.core.io import atomic_write_text
 from explainer.data.base import read_rgb
 from explainer.data.folder import IMAGE_SUFFIXES
-from explainer.io import atomic_write_text
 
 
 def list_images(path: str | os.PathLike) -> list[Path]:
@@ -28,16 +29,31 @@ def list_images(path: str | os.PathLike) -> list[Path]:
     raise FileNotFoundError(f"images: no such file or directory {str(path)!r}")
 
 
+def output_stem(image: Path, root: Path | None) -> Path:
+    """Where an image's outputs go, relative to the output folder: its path relative to ``root`` (the folder
+    given), its extension kept in the name (``s1/img.jpg`` -> ``s1/img_jpg``), so that no two inputs share
+    outputs and the same input always gets the same names."""
+    rel = image.relative_to(root) if root is not None else Path(image.name)
+    return rel.parent / rel.name.replace(".", "_")
+
+
 def explain_files(module, images: list[Path], out: str | os.PathLike, top_k: int = 3, batch_size: int = 16,
-                  size: int | None = None, progress: bool = True) -> dict:
-    """Write ``<stem>_<class>_mask.png`` and ``_overlay.png`` for the top-k classes, and explanations.json.
+                  size: int | None = None, progress: bool = True, root: str | os.PathLike | None = None) -> dict:
+    """Write ``<name>_<class>_mask.png`` and ``_overlay.png`` for the top-k classes, and explanations.json.
 
-    Images are resized to the explainer's input size for one batched pass
-    (all classes at once) and the masks resized back to each image's size.
+    Outputs mirror the input tree below ``root`` (see :func:`output_stem`); explanations.json is keyed by the
+    same relative paths. Images are resized to the explainer's input size for one batched pass (all classes at
+    once) and the masks resized back to each image's size.
     """
-    from explainer import viz
-
+    for name, v in (("top_k", top_k), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"size: expected an integer >= 1 (pixels) or None, got {size!r}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out: {str(out)!r} is an existing file; expected a folder for the masks")
+    root = Path(root) if root is not None and Path(root).is_dir() else None
     out.mkdir(parents=True, exist_ok=True)
     size = int(size or getattr(module, "input_size", None) or 128)
     f = module.explanandum
@@ -61,11 +77,12 @@ def explain_files(module, images: list[Path], out: str | os.PathLike, top_k: int
             for c in top:
                 name = f.class_names[c]
                 safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+                stem = out / output_stem(p, root)
                 viz.save_png((full[c].clamp(0, 1).numpy() * 255).round().astype(np.uint8),
-                             out / f"{p.stem}_{safe}_mask.png")
-                viz.save_png(viz.overlay(img, full[c]), out / f"{p.stem}_{safe}_overlay.png")
+                             stem.parent / f"{stem.name}_{safe}_mask.png")
+                viz.save_png(viz.overlay(img, full[c]), stem.parent / f"{stem.name}_{safe}_overlay.png")
                 entries.append({"class": name, "index": c, "probability": float(pr[c]),
                                 "mask_area": float(full[c].mean())})
-            report[str(p)] = {"top_classes": entries}
+            report[str(p.relative_to(root) if root is not None else p)] = {"top_classes": entries}
     atomic_write_text(out / "explanations.json", json.dumps(report, indent=1))
     return report

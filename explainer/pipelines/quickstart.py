@@ -1,4 +1,4 @@
-"""The main job on the embedded default: ``python -m explainer.quickstart``.
+"""The main job on the embedded default: ``python -m explainer quickstart``.
 
 1. Generate the synthetic VOC-format benchmark (skipped when present and current).
 2. Evaluate the committed classifier: test mAP, per-class AP, and mAP with the
@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -19,15 +18,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from jsonargparse import ArgumentParser
+
+from explainer.core import viz
+from explainer.data import SyntheticDataModule
+from explainer.data.synthetic import voc_palette
+from explainer.explainers.loading import load
+from explainer.explanandum import load_explanandum
+from explainer.pipelines.args import parse
+from explainer.pipelines.classifier_eval import evaluate_classifier
+from explainer.pipelines.evaluate import main as evaluate_main
+from explainer.pipelines.train import train_cli
 
 OUT = Path("outputs/quickstart")
 
 
 def _classifier_report(dm, clf_path: str, out: Path) -> dict:
-    import explainer
-    from explainer.classifier_eval import evaluate_classifier
-
-    f = explainer.load_explanandum(clf_path)
+    f = load_explanandum(clf_path)
     loader = torch.utils.data.DataLoader(dm.dataset("test"), batch_size=64, num_workers=0)
     rep = evaluate_classifier(f, loader)
     (out / "classifier.json").write_text(json.dumps(rep, indent=1))
@@ -36,9 +44,6 @@ def _classifier_report(dm, clf_path: str, out: Path) -> dict:
 
 def _figure(e, dm, out: Path, n: int = 6) -> None:
     """Rows: image, ground truth, the Explainer's masks of the present classes."""
-    from explainer import viz
-    from explainer.data.synthetic import voc_palette
-
     ds = dm.dataset("test")
     pal = np.array(voc_palette(), np.uint8).reshape(-1, 3)
     rows = []
@@ -71,23 +76,15 @@ def _mask_areas(e, dm, n: int = 200) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m explainer.quickstart", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m explainer quickstart", description=__doc__)
     p.add_argument("--train-config", default="configs/synthetic/explainer.yaml")
     p.add_argument("--eval-config", default="configs/synthetic/quickstart_evaluate.yaml")
     p.add_argument("--classifier", default="checkpoints/synthetic_classifier.safetensors")
     p.add_argument("--skip-training", action="store_true", help="evaluate an existing runs/explainer checkpoint")
     p.add_argument("--out", default=str(OUT))
-    a = p.parse_args(argv)
+    a = parse(p, argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import yaml
-
-    import explainer
-    from explainer.cli import train_cli
-    from explainer.data import SyntheticDataModule
-    from explainer.evaluate import main as evaluate_main
-
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     times = {}
@@ -121,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ev_path = out / "evaluate.yaml"
     ev_path.write_text(yaml.safe_dump(ev))
     evaluate_main(["--config", str(ev_path), "--out", str(out / "results.json")])
-    e = explainer.load(ckpt)
+    e = load(ckpt)
     areas = _mask_areas(e, dm)
     _figure(e, dm, out)
     times["evaluate_s"] = time.time() - t
@@ -147,6 +144,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}/metrics.md, results.json, figure.png", flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,13 +1,15 @@
-"""``python -m explainer.report``: docs/RESULTS.md from one or more results.json files of ``evaluate``."""
+"""``python -m explainer report``: docs/RESULTS.md from one or more results.json files of ``evaluate``."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from explainer.evaluate import markdown_table
-from explainer.io import atomic_write_text
+from jsonargparse import ArgumentParser
+
+from explainer.core.io import atomic_write_text
+from explainer.pipelines.args import parse
+from explainer.pipelines.evaluate import markdown_table
 
 
 def render(results: list[tuple[str, dict]], title: str, preamble: str = "") -> str:
@@ -21,12 +23,12 @@ def render(results: list[tuple[str, dict]], title: str, preamble: str = "") -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m explainer.report", description=__doc__)
-    p.add_argument("--results", nargs="+", required=True, help="RESULTS.json=COMMAND pairs")
+    p = ArgumentParser(prog="python -m explainer report", description=__doc__)
+    p.add_argument("--results", type=list[str], required=True, help="RESULTS.json=COMMAND pairs")
     p.add_argument("--out", default="docs/RESULTS.md")
     p.add_argument("--title", default="Results on the embedded benchmark")
     p.add_argument("--preamble", default="", help="a markdown file put under the title")
-    a = p.parse_args(argv)
+    a = parse(p, argv)
     items = []
     for pair in a.results:
         path, _, command = pair.partition("=")
@@ -36,6 +38,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {a.out}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""``python -m explainer explain``: a trained explainer's masks for an image file or a folder of images."""
+
+from __future__ import annotations
+
+from jsonargparse import ArgumentParser
+from jsonargparse.typing import PositiveInt
+
+from explainer.explainers.loading import load
+from explainer.pipelines.args import parse
+from explainer.pipelines.explain_files import explain_files, list_images
+
+
+def config_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m explainer explain", exit_on_error=False,
+                       description="Masks of a trained explainer for a file or a folder of images (PNG masks and "
+                                   "overlays mirroring the input tree, explanations.json).")
+    p.add_argument("--config", action="config")
+    p.add_argument("--checkpoint", type=str, required=True, help="explainer .ckpt or .safetensors export")
+    p.add_argument("--images", type=str, required=True, help="an image file or a folder (searched recursively)")
+    p.add_argument("--out", type=str, required=True, help="output folder")
+    p.add_argument("--top_k", "--top-k", type=PositiveInt, default=3,
+                   help="classes per image, by the classifier's probability")
+    p.add_argument("--batch_size", "--batch-size", type=PositiveInt, default=16)
+    p.add_argument("--size", type=PositiveInt | None, default=None,
+                   help="resolution fed to the explainer (default: its trained size)")
+    p.add_argument("--device", type=str, default="cpu")
+    p.add_argument("--explanandum", type=str | None, default=None,
+                   help="override the classifier spec recorded in the checkpoint")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(config_parser(), argv)
+    module = load(a.checkpoint, explanandum=a.explanandum, map_location=a.device)
+    files = list_images(a.images)
+    explain_files(module, files, a.out, top_k=a.top_k, batch_size=a.batch_size, size=a.size, root=a.images)
+    print(f"wrote masks of {len(files)} image(s) to {a.out}")
+    return 0
