@@ -149,7 +149,8 @@ def test_curve_term_against_plain_computation(tiny_cnn):
     torch.manual_seed(0)
     areas = (0.1, 0.25, 0.5)
     m = LTXModule(tiny_cnn, finetuning="paper", **SMP_TINY, target="kl", kl_scope="target", baseline="mean",
-                  lambda_mask=2.0, lambda_inverse=0.5, lambda_curve=3.0, curve_areas=areas, curve_temperature=0.2).eval()
+                  lambda_mask=2.0, lambda_inverse=0.5, lambda_curve=3.0, curve_areas=areas,
+                  curve_temperature=0.2).eval()
     f = m.explanandum
     x = torch.rand(2, 3, 32, 32)
     z = torch.randn(2, 1, 32, 32) * 2
