@@ -19,6 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "explain": ("explainer.pipelines.explain", "masks of a trained explainer for image files"),
     "evaluate": ("explainer.pipelines.evaluate", "methods x metrics on a dataset -> results.json/.md/.png"),
     "export": ("explainer.pipelines.export", "an explainer to safetensors or ONNX, a classifier to safetensors"),
+    "attribute": ("explainer.pipelines.attribute", "a method's maps over a dataset split, sharded and resumable"),
     "report": ("explainer.pipelines.report", "docs/RESULTS.md from results.json files"),
     "quickstart": ("explainer.pipelines.quickstart", "the main job on the embedded default"),
 }

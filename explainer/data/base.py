@@ -7,7 +7,9 @@ A sample is a dict:
 * ``mask``: long (H, W), 0 background, ``c + 1`` for class ``c``, 255 void or
   unknown (VOC's boundary band, or an image without segmentation);
 * ``has_mask``: bool, whether ``mask`` holds ground truth;
-* ``index``: position in the dataset.
+* ``index``: position in the dataset;
+* ``id``: the image's stable name in its dataset (:meth:`SegClsDataset.image_id`), what caches of maps are
+  keyed by.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ class SegClsDataset(Dataset):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def image_id(self, i: int) -> str:
+        """The stable name of image ``i`` (its file or annotation id; the position when there is none)."""
+        return str(i)
+
     def load(self, i: int) -> tuple:
         """(rgb (H, W, 3) uint8, labels (C,), mask (H, W) or None[, extras]): ``extras``, a dict of
         dataset-specific fields, is optional and added to the sample as it is."""
@@ -106,7 +112,7 @@ class SegClsDataset(Dataset):
         image = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float().div_(255)
         return {"image": image, "labels": torch.as_tensor(labels, dtype=torch.float32),
                 "mask": torch.from_numpy(np.array(mask, copy=True)).long(),
-                "has_mask": torch.tensor(has_mask), "index": i, **extras}
+                "has_mask": torch.tensor(has_mask), "index": i, "id": self.image_id(i), **extras}
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -166,6 +172,9 @@ class Subset(Dataset):
         if isinstance(item, tuple):
             return self.dataset[(self.indices[item[0]], item[1])]
         return self.dataset[self.indices[item]]
+
+    def image_id(self, i: int) -> str:
+        return self.dataset.image_id(self.indices[i])
 
     def __getattr__(self, name):
         if name in ("dataset", "indices"):

@@ -55,6 +55,9 @@ class COCODataset(SegClsDataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def image_id(self, i: int) -> str:
+        return str(self.ids[i])
+
     def load(self, i: int):
         img_id = self.ids[i]
         info = self.coco.imgs[img_id]

@@ -35,6 +35,9 @@ class FolderDataset(SegClsDataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def image_id(self, i: int) -> str:
+        return str(self.items[i][0])
+
     def load(self, i):
         path, c = self.items[i]
         y = np.zeros(self.num_classes, np.float32)

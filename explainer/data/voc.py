@@ -96,6 +96,9 @@ class VOCDataset(SegClsDataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def image_id(self, i: int) -> str:
+        return self.ids[i]
+
     def load(self, i: int):
         """(rgb, labels, mask, {"difficult": (C,) classes present only as difficult objects})."""
         sid = self.ids[i]
