@@ -1,6 +1,6 @@
 """Issue 5 section 4: do INR extremal-perturbation masks behave better w.r.t. the imposed area than classic EP?
 
-The claims of Byra & Skibbe (WACV 2025) measured here (METHODS.md sections 3 and 4), classic extremal
+The claims of Byra & Skibbe (WACV 2025) measured here (docs/METHODS.md sections 3 and 4), classic extremal
 perturbation (``extremal_perturbation``, all areas optimised jointly) against the INR reconstruction
 (``inr_extremal_perturbation``, one area-conditioned network per image, evaluated at the same areas):
 

@@ -1,4 +1,4 @@
-"""The Explainer's loss terms against slow, plain re-implementations of METHODS.md section 1."""
+"""The Explainer's loss terms against slow, plain re-implementations of docs/METHODS.md section 1."""
 
 import math
 

@@ -2,7 +2,7 @@
 
 "What You See is What You Classify: Black Box Attributions". A segmentation
 network outputs ``C`` mask-logit maps ``S_c`` at input resolution, trained
-against the frozen explanandum ``f`` with (METHODS.md section 1)::
+against the frozen explanandum ``f`` with (docs/METHODS.md section 1)::
 
     s_c = sigmoid(S_c);  m = sigmoid(max_{c in Y} S_c);  n = sigmoid(max_{c not in Y} S_c)
     L = L_cls + l_e L_ent + l_tv (TV(m) + TV(n)) + l_a L_area + l_m mean(m) + l_n mean(n)

@@ -1,7 +1,7 @@
 """LTX, "Learning to Explain" (Barkan et al., 2023): an explainer trained with the counterfactual objective.
 
 An explainer network produces mask logits ``z``; the mask ``m = sigmoid(z)``
-must keep the frozen explanandum's prediction (METHODS.md section 2)::
+must keep the frozen explanandum's prediction (docs/METHODS.md section 2)::
 
     L = D(f(x masked by m), target) + l_mask R(m) [+ l_inv L_inv(f(x masked by 1 - m))]
 

@@ -23,9 +23,9 @@ network).
 ``beta * A_b`` for ``beta`` in ``steps + 1`` scalings (default 10: 11 points); the per-head maps
 ``ReLU(dy/dA * A)`` of every block, averaged over the scalings, are rolled out (mean over heads, add
 identity, row-normalise, multiply across blocks) and the class-token rows of both rollouts summed.
-Passes per image: ``blocks * (steps + 1)`` forward+backward (22; METHODS.md counts 24 with the official
-code's reading passes). ``variant="official"``: the released code injects the *last* block's scaled
-attention into the earlier block as well, and uses ``steps = 5``.
+Passes per image: ``blocks * (steps + 1)`` forward+backward (22; the official code makes 24, two of them
+only reading the attention; docs/METHODS.md section 5). ``variant="official"``: the released code injects
+the *last* block's scaled attention into the earlier block as well, and uses ``steps = 5``.
 """
 
 from __future__ import annotations

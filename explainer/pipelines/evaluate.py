@@ -3,10 +3,8 @@
 Runs every configured attribution method on a seeded, fixed subset of a
 split, times it, scores its maps with :mod:`explainer.metrics`, and writes
 
-* ``results.json`` (the format of docs/API.md, plus ``metric_specs``: the
-  direction, baseline and target of each metric, and per method
-  ``skipped_metrics``: why a metric was left out; a metric that does not
-  apply is never written as a number),
+* ``results.json`` (format below; a metric that does not apply is never
+  written as a number),
 * ``results.md`` beside it: the same numbers as a markdown table,
 * ``results.png`` beside it: a grid of images (rows) by methods (columns).
 
@@ -20,6 +18,21 @@ classes (TorchRay), ``miou``/``pixel_accuracy`` accumulate pixels over pairs
 choosing one arbitrary class of a multi-label image. ``seconds_per_image``
 is the method's time over the images (all their pairs), ``seconds_per_map``
 over the maps.
+
+results.json (one JSON object; what :func:`run` returns)::
+
+    {"explanandum": "<spec>", "dataset": "<DataModule>(<root>)", "split": "test", "num_images": 200,
+     "target": "groundtruth | predicted", "baseline": "mean | black | blur", "device": "cpu", "seed": 0,
+     "metric_specs": {"<metric>": {"direction": "higher | lower", "baseline": "...", "target": "...",
+                                   "needs_gt_masks": false, "description": "..."}},
+     "metric_options": {"<metric or group>": {...}},
+     "methods": {"<method>": {"seconds_per_image": 0.0, "seconds_per_map": 0.0, "num_maps": 0,
+                              "options": {...}, "metrics": {"<metric>": 0.0},
+                              "skipped_metrics": {"<metric>": "<why it was left out>"}}}}
+
+``metrics`` holds only metrics that were evaluated; ``skipped_metrics`` is
+present only when some were not. Metric definitions: docs/METHODS.md
+sections 12 to 19.
 
 The config (YAML)::
 
