@@ -119,6 +119,22 @@ def test_interrupted_replacement_is_refused_then_repaired(tmp_path, monkeypatch)
     assert (root / "notes.txt").read_text() == "mine"
 
 
+def test_concurrent_generation_of_the_same_tree(tmp_path, monkeypatch):
+    """Two processes (two nodes' prepare_data) generating one tree: the second finds the first's and keeps it."""
+    real_write, root = synthetic._write_tree, tmp_path / "syn"
+
+    def another_process_finishes_first(*a, **k):
+        real_write(*a, **k)
+        if not root.exists():
+            monkeypatch.setattr(synthetic, "_write_tree", real_write)
+            synthetic.generate(root, SMALL, seed=0, image_size=32)
+
+    monkeypatch.setattr(synthetic, "_write_tree", another_process_finishes_first)
+    synthetic.generate(root, SMALL, seed=0, image_size=32)
+    assert [p.name for p in tmp_path.iterdir()] == ["syn"]
+    assert _files(root) == _files(synthetic.generate(tmp_path / "fresh", SMALL, seed=0, image_size=32))
+
+
 def test_missing_listed_files_are_reported(tmp_path):
     root = synthetic.generate(tmp_path / "syn", SMALL, seed=0, image_size=32)
     (root / "Annotations" / "0000001.xml").unlink()

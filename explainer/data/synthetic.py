@@ -373,7 +373,13 @@ def generate(root: str | os.PathLike, num_images: int | dict[str, int], seed: in
     try:
         _write_tree(tmp, counts, seed, image_size, spurious_class, spurious_p)
         if old is None:
-            os.replace(tmp, root)  # root absent or an empty folder
+            try:
+                os.replace(tmp, root)  # root absent or an empty folder
+            except OSError:  # another process (a second node's prepare_data) put a tree there first
+                theirs = read_manifest(root)
+                if theirs is None or tree_differences(root, theirs, want):
+                    raise
+                shutil.rmtree(tmp)
         else:
             _replace_tree(root, old, tmp)
     except BaseException:
@@ -422,7 +428,7 @@ def read_manifest(root: str | os.PathLike) -> dict | None:
             "(overwrite only replaces the generator's own trees). Choose a new or empty folder.")
     meta.setdefault("version", 1)
     if "files" not in meta:  # written before manifests listed their files: this version's names
-        meta["files"], meta["dirs"] = _tree_names(meta["counts"], meta.get("classes") or CLASSES)
+        meta["files"], meta["dirs"] = _tree_names(meta.get("counts") or {}, meta.get("classes") or CLASSES)
     return meta
 
 
