@@ -34,6 +34,22 @@ def load_coco(ann_file: str | os.PathLike):
     return coco
 
 
+def _segmentation_problem(seg, h: int, w: int) -> str | None:
+    """Why pycocotools would fail on (or misread) this segmentation; None when it is well-formed."""
+    if isinstance(seg, dict):
+        if list(seg.get("size") or []) != [h, w] or "counts" not in seg:
+            return f"RLE segmentation of size {seg.get('size')!r}, expected counts and size [{h}, {w}]"
+        return None
+    if not isinstance(seg, list) or not seg:
+        return f"segmentation {type(seg).__name__}, expected a list of polygons or an RLE dict"
+    for poly in seg:
+        if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
+                or not all(isinstance(v, (int, float)) for v in poly)):
+            n = len(poly) if isinstance(poly, list) else type(poly).__name__
+            return f"polygon of {n} coordinates, expected an even number >= 6 (x, y pairs)"
+    return None
+
+
 class COCODataset(SegClsDataset):
     """COCO images with multi-hot labels; mask: class index + 1 per pixel (crowd regions void)."""
 
@@ -50,6 +66,7 @@ class COCODataset(SegClsDataset):
         if class_names is not None and list(class_names) != names:
             raise ValueError(f"class_names: the annotations define {names[:5]}..., got {list(class_names)[:5]}...")
         super().__init__(names, transform)
+        self.ann_file = Path(ann_file)
         self.ids = sorted(coco.imgs) if image_ids is None else list(image_ids)
 
     def __len__(self) -> int:
@@ -57,6 +74,39 @@ class COCODataset(SegClsDataset):
 
     def image_id(self, i: int) -> str:
         return str(self.ids[i])
+
+    def check_annotations(self) -> list[str]:
+        """The split's image entries and their annotations are complete and well-formed.
+
+        Images need an existing file and positive integer height and width; an
+        annotation needs ``iscrowd`` 0 or 1 and a segmentation that
+        pycocotools rasterises as meant: polygons of at least three (x, y)
+        points, or an RLE of the image's size. Annotations of image ids the
+        file does not define would be dropped silently, so they are reported.
+        """
+        where = str(self.ann_file)
+        problems = []
+        orphans = sorted({a.get("image_id") for a in self.coco.dataset.get("annotations", [])} - set(self.coco.imgs),
+                         key=str)
+        if orphans:
+            problems.append(f"{where!r}: annotations of image ids {orphans[:10]} that 'images' does not define")
+        for img_id in self.ids:
+            info = self.coco.imgs[img_id]
+            h, w = info.get("height"), info.get("width")
+            if not isinstance(info.get("file_name"), str) or not info["file_name"]:
+                problems.append(f"{where!r} image {img_id}: no file_name")
+            elif not (self.image_dir / info["file_name"]).is_file():
+                problems.append(f"{where!r} image {img_id}: no such file {str(self.image_dir / info['file_name'])!r}")
+            if not all(isinstance(v, int) and v > 0 for v in (h, w)):
+                problems.append(f"{where!r} image {img_id}: height {h!r} and width {w!r}, expected positive integers")
+                continue
+            for a in self.coco.imgToAnns.get(img_id, []):
+                bad = _segmentation_problem(a.get("segmentation"), h, w)
+                if a.get("iscrowd", 0) not in (0, 1):
+                    bad = f"iscrowd {a.get('iscrowd')!r}, expected 0 or 1"
+                if bad:
+                    problems.append(f"{where!r} annotation {a.get('id')} (image {img_id}): {bad}")
+        return problems
 
     def load(self, i: int):
         img_id = self.ids[i]

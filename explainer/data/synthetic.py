@@ -20,6 +20,7 @@ the class (it appears with probability ``spurious_p`` independent of labels).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from explainer.core.constants import VOID
+from explainer.core.io import atomic_write_text
 
 CLASSES: tuple[str, ...] = (
     "circle",
@@ -297,13 +299,23 @@ def _annotation_xml(stem: str, size: int, objects: list[dict]) -> bytes:
 
 def generate(root: str | os.PathLike, num_images: int | dict[str, int], seed: int = 0,
              image_size: int = 128, spurious_class: str | None = None,
-             spurious_p: float = 0.9) -> Path:
-    """Write the synthetic benchmark as a VOC-2007 tree at ``root``.
+             spurious_p: float = 0.9, *, overwrite: bool = False) -> Path:
+    """Write the synthetic benchmark as a VOC-2007 tree at ``root``, or reuse the one there.
+
+    The tree's manifest, ``root/synthetic.json``, records the settings, the
+    generator :data:`VERSION` and every file and folder the generator wrote.
+
+    * ``root`` absent or empty: the tree is written to a temporary sibling
+      and moved into place, so an interrupted run leaves no half tree under
+      ``root`` (at most a ``.<name>.*`` sibling, safe to delete).
+    * A complete tree with the same settings and version: reused as it is.
+    * A tree of this generator with other settings, or an interrupted
+      replacement: an error saying what differs, unless ``overwrite``.
+    * Anything else (a non-empty folder without the manifest): refused,
+      whatever ``overwrite`` says; nothing in it is touched.
 
     Args:
         root: directory to create (it receives ``JPEGImages/`` etc. directly).
-            The tree is written to a temporary sibling and moved into place,
-            so an interrupted run leaves nothing half-written.
         num_images: total count (split 70/10/20 into train/val/test), or a
             dict ``{"train": n, "val": n, "test": n}``.
         seed: the same seed gives byte-identical files.
@@ -311,6 +323,10 @@ def generate(root: str | os.PathLike, num_images: int | dict[str, int], seed: in
         spurious_class: name of a class whose train images get the ``grid``
             background with probability ``spurious_p`` (None: no spurious cue).
         spurious_p: that probability, in [0, 1].
+        overwrite: replace a tree of this generator whose settings differ (or
+            whose manifest lists missing files): only the files and folders
+            its manifest lists are deleted; files put there by others stay
+            (and a new file that would land on one of them is refused).
 
     Returns:
         The root path.
@@ -338,17 +354,145 @@ def generate(root: str | os.PathLike, num_images: int | dict[str, int], seed: in
     if not 0.0 <= spurious_p <= 1.0:
         raise ValueError(f"spurious_p: expected a probability in [0, 1], got {spurious_p}")
 
+    want = tree_settings(counts, seed, image_size, spurious_class, spurious_p)
+    old = read_manifest(root)  # None: absent or empty; raises for a foreign folder
+    if old is not None:
+        problems = tree_differences(root, old, want)
+        if not problems:
+            return root
+        if not overwrite:
+            raise FileExistsError(
+                f"root: {str(root)!r} holds a synthetic tree that does not match the request: "
+                f"{'; '.join(problems)}. Nothing was changed. To use it as it is, request its settings "
+                "(SyntheticDataModule: generator_seed, num_images, image_size, spurious_class, spurious_p); "
+                "to regenerate it, pass overwrite=True (SyntheticDataModule: overwrite: true), which deletes "
+                f"only the files listed in {MANIFEST}; or choose another root.")
+
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         _write_tree(tmp, counts, seed, image_size, spurious_class, spurious_p)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        if old is None:
+            try:
+                os.replace(tmp, root)  # root absent or an empty folder
+            except OSError:  # another process (a second node's prepare_data) put a tree there first
+                theirs = read_manifest(root)
+                if theirs is None or tree_differences(root, theirs, want):
+                    raise
+                shutil.rmtree(tmp)
+        else:
+            _replace_tree(root, old, tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the temporary sibling is ours alone
         raise
     return root
+
+
+VERSION = 1  # bump when the same settings would give other files; manifests without a version are version 1
+MANIFEST = "synthetic.json"
+GENERATOR = "explainer.data.synthetic"
+
+
+def tree_settings(counts: dict[str, int], seed: int, image_size: int, spurious_class: str | None,
+                  spurious_p: float) -> dict:
+    """The manifest entries that decide a tree's content."""
+    return {"version": VERSION, "seed": seed, "image_size": image_size,
+            "counts": {k: int(counts.get(k, 0)) for k in SPLITS}, "classes": list(CLASSES),
+            "spurious_class": spurious_class, "spurious_p": spurious_p if spurious_class else None}
+
+
+def read_manifest(root: str | os.PathLike) -> dict | None:
+    """The manifest of the generator's tree at ``root``; None when ``root`` is absent or an empty folder.
+
+    Raises FileExistsError for anything else: a file, or a non-empty folder
+    the generator did not write.
+    """
+    root = Path(root)
+    if not root.exists():
+        return None
+    if not root.is_dir():
+        raise FileExistsError(f"root: {str(root)!r} is a file, expected a folder for the synthetic tree")
+    entries = sorted(p.name for p in root.iterdir())
+    if not entries:
+        return None
+    meta = None
+    if (root / MANIFEST).is_file():
+        try:
+            meta = json.loads((root / MANIFEST).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            meta = None
+    if not isinstance(meta, dict) or meta.get("generator") != GENERATOR:
+        raise FileExistsError(
+            f"root: {str(root)!r} is not empty ({len(entries)} entries, e.g. {entries[:3]}) and holds no "
+            f"{MANIFEST} manifest of the synthetic generator, so it was not written by it; nothing was changed "
+            "(overwrite only replaces the generator's own trees). Choose a new or empty folder.")
+    meta.setdefault("version", 1)
+    if "files" not in meta:  # written before manifests listed their files: this version's names
+        meta["files"], meta["dirs"] = _tree_names(meta.get("counts") or {}, meta.get("classes") or CLASSES)
+    return meta
+
+
+def tree_differences(root: Path, have: dict, want: dict) -> list[str]:
+    """Why the tree whose manifest is ``have`` is not the requested one (empty: it is, complete)."""
+    out = [f"{k}={have.get(k)!r} (requested {v!r})" for k, v in want.items() if have.get(k) != v]
+    if out:
+        return out
+    if have.get("complete") is False:
+        return ["an earlier regeneration was interrupted (the manifest is marked incomplete)"]
+    missing = [f for f in have["files"] if not (root / f).is_file()]
+    if missing:
+        return [f"{len(missing)} of the {len(have['files'])} files its manifest lists are missing, "
+                f"e.g. {missing[:3]}"]
+    return []
+
+
+def _tree_names(counts: dict[str, int], classes) -> tuple[list[str], list[str]]:
+    """(files, folders) a tree of this generator version holds for these counts (without the manifest)."""
+    dirs = ["Annotations", "ImageSets", "ImageSets/Main", "ImageSets/Segmentation", "JPEGImages",
+            "SegmentationClass", "SegmentationObject"]
+    files = []
+    for split_i, split in enumerate(SPLITS):
+        for i in range(int(counts.get(split, 0))):
+            stem = f"{split_i}{i:06d}"
+            files += [f"JPEGImages/{stem}.jpg", f"SegmentationClass/{stem}.png", f"SegmentationObject/{stem}.png",
+                      f"Annotations/{stem}.xml"]
+    for split in (*SPLITS, "trainval"):
+        files += [f"ImageSets/Main/{split}.txt", f"ImageSets/Segmentation/{split}.txt"]
+        files += [f"ImageSets/Main/{c}_{split}.txt" for c in classes]
+    return sorted(files), dirs
+
+
+def _replace_tree(root: Path, old: dict, tmp: Path) -> None:
+    """Replace the generator's tree at ``root`` by the complete tree ``tmp``, touching nothing it did not write."""
+    new = json.loads((tmp / MANIFEST).read_text())
+    old_files = set(old["files"])
+    clash = [f for f in new["files"] if f not in old_files and (root / f).exists()]
+    clash += [d for d in new["dirs"] if (root / d).exists() and not (root / d).is_dir()]
+    if clash:
+        raise FileExistsError(f"root: {str(root)!r} holds {len(clash)} file(s) its manifest does not list where the "
+                              f"new tree writes, e.g. {clash[:3]}; nothing was changed. Move them away first.")
+    # from here a kill leaves a manifest marked incomplete that lists everything either tree may have
+    # put there: the next run refuses the tree, and overwrite=True cleans it up
+    marker = dict(old, complete=False, files=sorted(old_files | set(new["files"])),
+                  dirs=sorted(set(old["dirs"]) | set(new["dirs"])))
+    atomic_write_text(root / MANIFEST, json.dumps(marker, indent=1))
+    for f in old["files"]:
+        (root / f).unlink(missing_ok=True)
+    for d in sorted(old["dirs"], key=lambda d: -d.count("/")):
+        with contextlib.suppress(OSError):  # not empty: it holds files of others
+            (root / d).rmdir()
+    if [p.name for p in root.iterdir()] == [MANIFEST]:
+        (root / MANIFEST).unlink()
+        root.rmdir()
+        os.replace(tmp, root)
+        return
+    # others' files remain: move the new tree in beside them, the manifest last
+    for d in sorted(new["dirs"], key=lambda d: d.count("/")):
+        (root / d).mkdir(exist_ok=True)
+    for f in new["files"]:
+        os.replace(tmp / f, root / f)
+    os.replace(tmp / MANIFEST, root / MANIFEST)
+    shutil.rmtree(tmp)
 
 
 def _write_tree(root: Path, counts, seed, image_size, spurious_class, spurious_p):
@@ -408,8 +552,9 @@ def _write_tree(root: Path, counts, seed, image_size, spurious_class, spurious_p
     for c in CLASSES:
         a = (main / f"{c}_train.txt").read_text() + (main / f"{c}_val.txt").read_text()
         (main / f"{c}_trainval.txt").write_text(a)
-    meta = {"generator": "explainer.data.synthetic", "seed": seed, "image_size": image_size,
-            "counts": counts, "classes": list(CLASSES), "spurious_class": spurious_class,
-            "spurious_p": spurious_p if spurious_class else None,
-            "spurious_background": grid_bg if spurious_class else None}
-    (root / "synthetic.json").write_text(json.dumps(meta, indent=1))
+    meta = {"generator": GENERATOR, **tree_settings(counts, seed, image_size, spurious_class, spurious_p),
+            "spurious_background": grid_bg if spurious_class else None, "complete": True,
+            # what this run wrote, so that overwrite=True deletes exactly that and nothing else
+            "dirs": sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir()),
+            "files": sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())}
+    (root / MANIFEST).write_text(json.dumps(meta, indent=1))

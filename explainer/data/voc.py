@@ -99,6 +99,24 @@ class VOCDataset(SegClsDataset):
     def image_id(self, i: int) -> str:
         return self.ids[i]
 
+    def check_annotations(self) -> list[str]:
+        """Every Annotations XML of the split parses and names only known classes."""
+        problems, told = [], False
+        for sid in self.ids:
+            path = self.root / "Annotations" / f"{sid}.xml"
+            try:
+                tree = ET.parse(path)
+            except (ET.ParseError, OSError) as err:
+                problems.append(f"{str(path)!r}: not a parseable XML file (truncated?): {err}")
+                continue
+            names = [(obj.findtext("name") or "").strip() for obj in tree.getroot().iter("object")]
+            unknown = sorted({n for n in names if n not in self.index})
+            if unknown:
+                known = "" if told else f" (expected names among {self.class_names})"
+                problems.append(f"{str(path)!r}: unknown class name(s) {unknown}{known}")
+                told = True
+        return problems
+
     def load(self, i: int):
         """(rgb, labels, mask, {"difficult": (C,) classes present only as difficult objects})."""
         sid = self.ids[i]
@@ -141,6 +159,10 @@ class VOCDataModule(ImageDataModule):
             self._class_names = voc_class_names(find_voc_root(self.root))
         return list(self._class_names)
 
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.splits)
+
     def make_dataset(self, split, transform):
         seg_only = split == "test" and self.test_segmentation_only
         return VOCDataset(self.root, self.splits[split], self.class_names, transform, segmentation_only=seg_only)
@@ -150,39 +172,40 @@ class SyntheticDataModule(VOCDataModule):
     """The embedded benchmark: generated on first use (rank 0), then read as VOC.
 
     Args:
-        root: where the tree lives; regenerated when its recorded settings differ.
+        root: where the tree lives. A tree with the same settings (recorded in
+            its ``synthetic.json`` manifest) is reused; one with other settings
+            is an error unless ``overwrite``; a non-empty folder the generator
+            did not write is always refused (see :func:`synthetic.generate`).
         num_images: split counts.
         generator_seed: seed of the generator.
         spurious_class, spurious_p: the spurious-context variant.
+        overwrite: regenerate a tree of the generator whose settings differ,
+            deleting only the files its manifest lists.
     """
 
     def __init__(self, root: str = "data/synthetic", num_images: dict[str, int] | None = None,
                  generator_seed: int = 0, spurious_class: str | None = None, spurious_p: float = 0.9,
-                 image_size: int = 128, **kwargs):
+                 image_size: int = 128, overwrite: bool = False, **kwargs):
         super().__init__(root=root, image_size=image_size, **kwargs)
         self.num_images = dict(num_images or {"train": 4000, "val": 500, "test": 500})
         self.generator_seed = generator_seed
         self.spurious_class = spurious_class
         self.spurious_p = spurious_p
         self.native_size = image_size
+        self.overwrite = overwrite
 
     def _settings(self) -> dict:
-        return {"seed": self.generator_seed, "image_size": self.native_size,
-                "counts": {k: int(self.num_images.get(k, 0)) for k in synthetic.SPLITS},
-                "spurious_class": self.spurious_class,
-                "spurious_p": self.spurious_p if self.spurious_class else None}
+        return synthetic.tree_settings(self.num_images, self.generator_seed, self.native_size, self.spurious_class,
+                                       self.spurious_p)
 
     def is_current(self) -> bool:
-        meta = Path(self.root) / "synthetic.json"
-        if not meta.is_file():
-            return False
-        have = json.loads(meta.read_text())
-        return all(have.get(k) == v for k, v in self._settings().items())
+        """Whether ``root`` holds the complete tree of these settings (raises for a foreign folder)."""
+        have = synthetic.read_manifest(self.root)
+        return have is not None and not synthetic.tree_differences(Path(self.root), have, self._settings())
 
     def prepare_data(self) -> None:
-        if not self.is_current():
-            synthetic.generate(self.root, self.num_images, seed=self.generator_seed, image_size=self.native_size,
-                               spurious_class=self.spurious_class, spurious_p=self.spurious_p)
+        synthetic.generate(self.root, self.num_images, seed=self.generator_seed, image_size=self.native_size,
+                           spurious_class=self.spurious_class, spurious_p=self.spurious_p, overwrite=self.overwrite)
 
     @property
     def class_names(self) -> list[str]:
