@@ -139,7 +139,7 @@ def test_iia_official_variant_is_the_degenerate_sum(tiny_cnn, images):
 
 
 def slow_dix(f, x, target, last, prev, steps, official):
-    """DIX's two maps by loops over path points (one image), combined as the official code does."""
+    """DIX's two maps by loops over path points (one image), combined as in the module docstring."""
     def integrate(layer, h1):
         with torch.no_grad():
             _, seen = forward_with(f, x, capture=[layer])
@@ -157,7 +157,8 @@ def slow_dix(f, x, target, last, prev, steps, official):
         return acc[0]
 
     h1, h2 = integrate(last, True), integrate(prev, False)
-    size = (h2.shape[0], 2 * h2.shape[1], 2 * h2.shape[2])
+    # the released code's fixed grid; ours, the block before's own
+    size = (1024, 28, 28) if official else (h2.shape[0], 2 * h2.shape[1], 2 * h2.shape[2])
     a = F.interpolate(h1[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
     b = F.interpolate(h2[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
     m = (b * a + a).sum(dim=0)[None, None]

@@ -11,9 +11,11 @@ results file because metrics are not comparable across baselines:
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from explainer.core.constants import IMAGENET_MEAN
@@ -27,14 +29,45 @@ def check_baseline(kind: str) -> str:
     return kind
 
 
-def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of (B, 3, H, W) with standard deviation ``sigma`` pixels (reflect padding)."""
+BLUR_STYLES = ("reflect", "torchray")
+
+
+def blur(x: torch.Tensor, sigma: float, style: str = "reflect",
+         fill: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+    """Gaussian blur of (B, 3, H, W) with standard deviation ``sigma`` pixels.
+
+    ``style="reflect"`` (the project's): torchvision's ``gaussian_blur`` on the [0, 1] image, reflect
+    padding, a kernel of ``2 round(3 sigma) + 1`` taps (shortened when the image is too small for it).
+    ``style="torchray"``: TorchRay's ``imsmooth`` as its extremal perturbations use it, on images it receives
+    normalised: a separable kernel of ``2 ceil(4 sigma) + 1`` taps and zero padding *in normalised space*,
+    i.e. the image padded with the colour ``fill`` (the normalisation mean, given here; None: black) in
+    [0, 1] space. The two differ near the border (reflected image vs the mean colour leaking in) and,
+    slightly, in the kernel's tails.
+    """
+    if style not in BLUR_STYLES:
+        raise ValueError(f"style: expected one of {BLUR_STYLES}, got {style!r}")
     if sigma <= 0:
         return x
+    if style == "torchray":
+        return _blur_zero_padded(x, sigma, fill)
     k = int(2 * round(3 * sigma) + 1)
     k = min(k, 2 * (min(x.shape[-2:]) - 1) - 1) if k >= min(x.shape[-2:]) * 2 - 1 else k
     k = max(3, k | 1)
     return TF.gaussian_blur(x, [k, k], [sigma, sigma])
+
+
+def _blur_zero_padded(x: torch.Tensor, sigma: float, fill: Sequence[float] | torch.Tensor | None) -> torch.Tensor:
+    width = math.ceil(4 * sigma)
+    taps = torch.arange(-width, width + 1, dtype=x.dtype, device=x.device)
+    g = torch.exp(-0.5 * (taps / sigma) ** 2)
+    g = g / g.sum()
+    c = x.shape[1]
+    f = torch.zeros(c, dtype=x.dtype, device=x.device) if fill is None else \
+        torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(-1).expand(c)
+    f = f.reshape(1, c, 1, 1)
+    y = F.conv2d(x - f, g.reshape(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(width, 0), groups=c)
+    y = F.conv2d(y, g.reshape(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, width), groups=c)
+    return y + f
 
 
 def baseline_image(x: torch.Tensor, kind: str = "mean", mean: Sequence[float] | torch.Tensor | None = None,

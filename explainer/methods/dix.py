@@ -6,12 +6,17 @@
     H1 = sum_k ReLU(dy_c/dv_k) * ReLU(v_k)                                     (last block, per channel)
     H2 = sum_k ReLU(dy_c/dv'_k * ReLU(v'_k) * ||(v'_k - r') / K||)             (block before; ||.|| the
                                                                                  Frobenius norm per image)
-    M  = sum_channels (H2 * H1 + H1)   with H1, H2 resized (trilinearly, channels included) to the grid
-         (C', 2h', 2w') of the block before, as the official code does;
+    M  = sum_channels (H2 * H1 + H1)   with H1, H2 resized (trilinearly, channels included) to one grid
+         (channels, height, width);
 
 then upsampled bicubically to the input and min-max normalised.
 
-``variant="faithful"`` (default) integrates ``H1`` along that path. ``variant="official"`` reproduces the
+The grid: ``variant="faithful"`` (default) uses the block before's own (C', 2h', 2w'); the released code
+always uses (1024, 28, 28) (:data:`OFFICIAL_GRID`), whatever the network and input size, which
+``variant="official"`` does too. Both are the same grid for ResNet-50/101 at 224 px (``layer3``: 1024
+channels at 14 x 14) and differ elsewhere.
+
+``variant="faithful"`` integrates ``H1`` along that path. ``variant="official"`` reproduces the
 released code, whose reference for the last block is the minimum over a singleton axis -- the
 activations themselves -- so every path point is ``A`` and ``H1 = (K+1) ReLU(dy/dA) ReLU(A)``.
 Passes per image: 1 backbone forward, ``K + 1`` passes of everything after the block before and ``K + 1``
@@ -48,6 +53,9 @@ from explainer.methods.base import (
 )
 from explainer.methods.iia import _expand_path, layer_reference
 from explainer.methods.vit import attention_probe, rollout, tokens_to_image, weighted_attention
+
+# the released code combines the two CNN maps on this grid (channels, height, width) for every network
+OFFICIAL_GRID = (1024, 28, 28)
 
 
 def path_gradients(f: nn.Module, module: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int,
@@ -87,9 +95,10 @@ def dix_cnn_maps(f: nn.Module, last: nn.Module, previous: nn.Module, x: torch.Te
     return h1, h2
 
 
-def dix_combine(h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
-    """``sum_channels (H2 H1 + H1)`` on the grid (C', 2h', 2w') of ``H2``'s block: (B, 1, 2h', 2w')."""
-    size = (h2.shape[1], 2 * h2.shape[2], 2 * h2.shape[3])
+def dix_combine(h1: torch.Tensor, h2: torch.Tensor, grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``sum_channels (H2 H1 + H1)`` with both maps resized to ``grid`` (channels, height, width); None: the
+    grid (C', 2h', 2w') of ``H2``'s block. Returns (B, 1, height, width)."""
+    size = tuple(grid) if grid is not None else (h2.shape[1], 2 * h2.shape[2], 2 * h2.shape[3])
     a = F.interpolate(h1.unsqueeze(1), size=size, mode="trilinear", align_corners=False).squeeze(1)
     b = F.interpolate(h2.unsqueeze(1), size=size, mode="trilinear", align_corners=False).squeeze(1)
     return (b * a + a).sum(dim=1, keepdim=True)
@@ -104,7 +113,8 @@ class DIX(Method):
             :func:`~explainer.methods.base.default_layers`).
         steps: K, intervals per path (CNN default 4; ViT default 10, official 5).
         blocks: ViT blocks integrated, counted from the last (default 2).
-        variant: ``"faithful"`` (default) or ``"official"`` (the released code's behaviour).
+        variant: ``"faithful"`` (default) or ``"official"`` (the released code's behaviour, its fixed
+            1024 x 28 x 28 combination grid included).
         normalize: min-max normalise each map (default True).
     """
 
@@ -135,7 +145,7 @@ class DIX(Method):
                     out.append(self._vit(x[s], target[s]))
                 else:
                     m = dix_combine(*dix_cnn_maps(self.f, self.last, self.previous, x[s], target[s], self.steps,
-                                                  self.variant))
+                                                  self.variant), OFFICIAL_GRID if self.variant == "official" else None)
                     out.append(upsample(m, x.shape[-2:], "bicubic"))
         m = torch.cat(out)
         return minmax_normalize(m) if self.normalize else m

@@ -26,7 +26,10 @@ Cost: ``max_iter`` forward+backward passes per image (x2 for ``dual``), each on 
 Differences to TorchRay, on purpose: masks are generated at the image size (TorchRay adds a margin of
 ``sigma`` pixels and applies the area constraint to the mask with its margin); step, sigma and the blur
 scale with the image size by default (TorchRay's 7 / 21 / 20 are for 224 px); masks come from the final
-parameters (TorchRay returns those of the last iteration, one step earlier).
+parameters (TorchRay returns those of the last iteration, one step earlier); the blur pyramid is blurred
+with the project's blur (:func:`explainer.core.masking.blur`: the [0, 1] image reflect-padded, a kernel
+of +-3 sigma) where TorchRay blurs the normalised image with zero padding (the mean colour leaks in at
+the border) and a kernel of +-ceil(4 sigma); ``blur_style="torchray"`` uses TorchRay's.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch
 from torch import nn
 
 from explainer.core.images import check_images
-from explainer.core.masking import apply_mask, baseline_image, blur, check_baseline
+from explainer.core.masking import BLUR_STYLES, apply_mask, baseline_image, blur, check_baseline
 from explainer.core.targets import TargetLike, resolve_targets
 from explainer.explanandum import load_explanandum
 from explainer.methods.base import (
@@ -73,12 +76,13 @@ class Perturbation:
     """
 
     def __init__(self, x: torch.Tensor, baseline: str = "blur", num_levels: int = 8, max_blur: float = 20.0,
-                 mean: torch.Tensor | None = None):
+                 mean: torch.Tensor | None = None, blur_style: str = "reflect"):
         self.baseline = check_baseline(baseline)
         if baseline == "blur":
             self.num_levels = check_steps(num_levels, "num_levels", 2)
             sigmas = [max_blur * (1 - lv / (num_levels - 1)) for lv in range(num_levels)]
-            self.levels = torch.stack([blur(x, s) for s in sigmas], dim=1)  # (B, L, 3, H, W)
+            fill = mean if blur_style == "torchray" else None  # TorchRay pads the normalised image with 0
+            self.levels = torch.stack([blur(x, s, blur_style, fill) for s in sigmas], dim=1)  # (B, L, 3, H, W)
         else:
             self.num_levels = 2
             self.levels = torch.stack([baseline_image(x, baseline, mean=mean), x], dim=1)
@@ -223,7 +227,8 @@ def extremal_perturbation(f: nn.Module, x: torch.Tensor, target: TargetLike = No
                           lambda0: float = 300.0, lambda_growth: float = 1.0035, step: int | None = None,
                           sigma: float | None = None, num_levels: int = 8, max_blur: float | None = None,
                           baseline: str = "blur", jitter: bool = True, init: float | torch.Tensor = 1.0,
-                          batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+                          batch_size: int | None = None, progress: bool = False,
+                          blur_style: str = "reflect") -> torch.Tensor:
     """Extremal perturbation masks (B, K, H, W), one per image and requested area (see the module docstring).
 
     Args:
@@ -238,12 +243,15 @@ def extremal_perturbation(f: nn.Module, x: torch.Tensor, target: TargetLike = No
         init: initial parameter value in [0, 1] (TorchRay: 1, the whole image kept), or a warm start
             (B, K, gh, gw) on the coarse grid (``SmoothMask(...).grid``).
         batch_size: images optimised together (default all); progress: a tqdm bar over iterations.
+        blur_style: the pyramid's blur, ``"reflect"`` (the project's) or ``"torchray"`` (TorchRay's zero
+            padding of the normalised image; see :func:`explainer.core.masking.blur`).
     """
     f = load_explanandum(f)
     check_images(x)
     areas = check_areas(areas)
     _check_choice(variant, VARIANTS, "variant")
     _check_choice(reward, REWARDS, "reward")
+    _check_choice(blur_style, BLUR_STYLES, "blur_style")
     max_iter = check_steps(max_iter, "max_iter")
     if not isinstance(init, torch.Tensor) and not 0.0 <= init <= 1.0:
         raise ValueError(f"init: expected a value in [0, 1], got {init!r}")
@@ -259,7 +267,7 @@ def extremal_perturbation(f: nn.Module, x: torch.Tensor, target: TargetLike = No
             xb, tb = x[s], t[s]
             b = xb.shape[0]
             pert = Perturbation(xb, baseline, num_levels, d_blur if max_blur is None else max_blur,
-                                mean=f.mean.flatten())
+                                mean=f.mean.flatten(), blur_style=blur_style)
             if isinstance(init, torch.Tensor):
                 if init.shape != (x.shape[0], k, *gen.grid):
                     raise ValueError(f"init: expected a warm start of shape {(x.shape[0], k, *gen.grid)}, "
@@ -300,17 +308,18 @@ class ExtremalPerturbation(Method):
                  lr: float = 0.01, momentum: float = 0.9, lambda0: float = 300.0, lambda_growth: float = 1.0035,
                  step: int | None = None, sigma: float | None = None, num_levels: int = 8,
                  max_blur: float | None = None, baseline: str = "blur", jitter: bool = True, init: float = 1.0,
-                 **common):
+                 blur_style: str = "reflect", **common):
         super().__init__(f, **common)
         self.areas = check_areas(areas)
         self.reduce = _check_choice(reduce, ("sum", "first"), "reduce")
         _check_choice(variant, VARIANTS, "variant")
         _check_choice(reward, REWARDS, "reward")
         check_baseline(baseline)
+        _check_choice(blur_style, BLUR_STYLES, "blur_style")
         self.options = dict(variant=variant, reward=reward, max_iter=check_steps(max_iter, "max_iter"), lr=lr,
                             momentum=momentum, lambda0=lambda0, lambda_growth=lambda_growth, step=step,
                             sigma=sigma, num_levels=num_levels, max_blur=max_blur, baseline=baseline,
-                            jitter=jitter, init=init)
+                            jitter=jitter, init=init, blur_style=blur_style)
 
     def masks(self, x: torch.Tensor, target: TargetLike = None) -> torch.Tensor:
         """All area masks (B, K, H, W) for ``self.areas``."""
