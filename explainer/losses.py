@@ -198,3 +198,35 @@ def inverse_mask_loss(logits_inverse: torch.Tensor, targets: torch.Tensor, multi
         logp = F.log_softmax(li, 1)
         nll = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
     return _reduce((nll * targets.float()).sum(1), reduction)
+
+
+# ---- distillation: a student's mask logits against a teacher's maps ------------------------------------
+MAP_LOSSES = ("bce", "kl", "rank")
+
+
+def map_distillation_loss(z: torch.Tensor, t: torch.Tensor, kind: str = "bce", temperature: float = 0.1,
+                          pairs: int = 1024, margin: float = 0.05,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """How far student mask logits ``z`` (P, H, W) are from teacher maps ``t`` (P, H, W) in [0, 1], mean over P.
+
+    * ``"bce"``: per-pixel binary cross-entropy of ``sigmoid(z)`` to ``t`` (the map's values themselves);
+    * ``"kl"``: ``KL(softmax(t / temperature) || softmax(z))`` over the pixels of each map (where the mass is);
+    * ``"rank"``: for ``pairs`` random pixel pairs (i, j) per map whose teacher values differ by more than
+      ``margin``, ``softplus(-(z_i - z_j) sign(t_i - t_j))`` (only the order, what deletion and insertion
+      read).
+    """
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(z.float(), t.float())
+    zf, tf = z.flatten(1).float(), t.flatten(1).float()
+    if kind == "kl":
+        p = torch.softmax(tf / temperature, 1)
+        return (p * (torch.log(p.clamp_min(1e-12)) - F.log_softmax(zf, 1))).sum(1).mean()
+    if kind == "rank":
+        n = zf.shape[1]
+        i = torch.randint(0, n, (zf.shape[0], pairs), generator=generator).to(zf.device)
+        j = torch.randint(0, n, (zf.shape[0], pairs), generator=generator).to(zf.device)
+        dt = tf.gather(1, i) - tf.gather(1, j)
+        dz = zf.gather(1, i) - zf.gather(1, j)
+        keep = (dt.abs() > margin).float()
+        return (F.softplus(-dz * torch.sign(dt)) * keep).sum() / keep.sum().clamp_min(1)
+    raise ValueError(f"map_loss: expected one of {MAP_LOSSES}, got {kind!r}")

@@ -50,6 +50,13 @@ class TrainedExplainerMethod(Method):
 ExplainerMethod = TrainedExplainerMethod  # its former name
 
 
+@register("distill")
+class DistilledMethod(TrainedExplainerMethod):
+    """A distilled explainer (kind "distill"): its mask of the target class from one forward pass."""
+
+    kind = "distill"
+
+
 @register("ltx")
 class LTXMethod(TrainedExplainerMethod):
     """LTX (Barkan et al., 2023): the pretrained explainer finetuned on each image, then its mask of ``target``.

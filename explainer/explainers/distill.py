@@ -1,0 +1,184 @@
+"""Distillation: a one-pass explainer trained to reproduce any registered method's maps, for every class at once.
+
+The student is the Explainer's network (any smp architecture and encoder, ``C`` mask maps from one forward
+pass). For each training image and each class ``c`` the teacher explained, with teacher map ``T_c`` (min-max
+normalised to [0, 1]) and student logits ``z_c``::
+
+    L = l_map D(z_c, T_c) + l_absent BCE(z_a, 0) [+ l_curve L_curve(z_c)]
+
+* ``D`` (``map_loss``, :func:`explainer.losses.map_distillation_loss`): per-pixel BCE to the map, KL between
+  spatial softmax distributions, or a pairwise ranking loss;
+* the absent term pushes the maps of classes absent from the image (labels) to 0, so that one pass gives a
+  meaningful map for every class, as the Explainer's non-target term does;
+* ``L_curve`` (``lambda_curve`` > 0): the faithfulness term of LTX's finetuning: the soft top ``a`` of the map
+  for each area ``a`` of ``curve_areas`` must keep class ``c`` and the image without it must lose it
+  (:func:`explainer.losses.soft_top_area`), masking with the explainer's baseline.
+
+The teacher's maps come from a cache written by ``python -m explainer attribute`` (``teacher_cache``, one folder
+or several, e.g. the train and val splits; looked up by image id), or from a registered method run on each batch
+(``teacher`` + ``teacher_options``; for cheap teachers). Augmentation (horizontal flip, 90-degree rotations) is
+applied here to the image and its teacher maps together, seeded by (image index, step) so that a resumed run
+repeats it: configure the datamodule with ``augment: false``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from explainer import losses
+from explainer.core.maps import minmax_normalize, upsample
+from explainer.explainers.base import TrainedExplainer, register_kind
+from explainer.explainers.cache import MapCache
+from explainer.methods import base as method_registry
+from explainer.nets.segmentation import build_segmentation_net, init_encoder_from
+
+CURVE_AREAS, CURVE_TEMPERATURE = (0.05, 0.1, 0.25, 0.5), 0.1
+
+
+def joint_augment(x: torch.Tensor, maps: list[torch.Tensor], index: torch.Tensor, step: int,
+                  rotate: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Flip and rotate each image and its maps alike; the choice is a hash of (dataset index, step) only."""
+    key = (index.long().cpu() * 1000003 + step * 104729) * 2654435761 % 4294967291
+    xs, ms = [], []
+    for b in range(x.shape[0]):
+        k = int(key[b])
+        xi, mi = x[b], maps[b]
+        if k & 1:
+            xi, mi = xi.flip(-1), mi.flip(-1)
+        r = (k >> 1) % 4 if rotate and xi.shape[-1] == xi.shape[-2] else 0
+        if r:
+            xi, mi = torch.rot90(xi, r, (-2, -1)), torch.rot90(mi, r, (-2, -1))
+        xs.append(xi)
+        ms.append(mi)
+    return torch.stack(xs), ms
+
+
+@register_kind("distill")
+class DistillModule(TrainedExplainer):
+    """A student explainer distilled from a teacher method's maps (see the module docstring).
+
+    Args:
+        explanandum: spec of the frozen classifier.
+        teacher_cache: folder(s) of ``python -m explainer attribute`` with the teacher's maps of the training
+            (and validation) images; or
+        teacher, teacher_options: a registered method run on every batch (the present classes).
+        architecture, encoder, encoder_weights, decoder_kwargs, init_encoder_from_explanandum: the network, as
+            the Explainer's.
+        map_loss: "bce", "kl" or "rank"; kl_temperature, rank_pairs, rank_margin: their settings.
+        lambda_map, lambda_absent, lambda_curve: weights of the terms; curve_areas, curve_temperature: the curve
+            term's soft top areas and temperature.
+        baseline: masking baseline of the curve term ("mean", "black", "blur").
+        augment, rotate: joint flips (and 90-degree rotations) of images and teacher maps.
+        lr, weight_decay, optimizer, lr_schedule, warmup_steps, channels_last: see TrainedExplainer.
+        explanandum_fingerprint: set when restoring.
+    """
+
+    def __init__(self, explanandum: str = "checkpoints/synthetic_classifier.safetensors",
+                 teacher_cache: str | list[str] | None = None, teacher: str | None = None,
+                 teacher_options: dict | None = None, architecture: str = "FPN",
+                 encoder: str = "tu-explainer_resnet_small", encoder_weights: str | None = None,
+                 decoder_kwargs: dict | None = None, init_encoder_from_explanandum: bool = True,
+                 map_loss: str = "bce", kl_temperature: float = 0.1, rank_pairs: int = 1024,
+                 rank_margin: float = 0.05, lambda_map: float = 1.0, lambda_absent: float = 1.0,
+                 lambda_curve: float = 0.0, curve_areas: tuple = CURVE_AREAS,
+                 curve_temperature: float = CURVE_TEMPERATURE, baseline: str = "mean", augment: bool = True,
+                 rotate: bool = True, lr: float = 1e-3, weight_decay: float = 0.0, optimizer: str = "adam",
+                 lr_schedule: str = "cosine", warmup_steps: int = 0, channels_last: bool = True,
+                 explanandum_fingerprint: str | None = None):
+        if map_loss not in losses.MAP_LOSSES:
+            raise ValueError(f"map_loss: expected one of {losses.MAP_LOSSES}, got {map_loss!r}")
+        for name, v in (("lambda_map", lambda_map), ("lambda_absent", lambda_absent), ("lambda_curve", lambda_curve)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
+        if not curve_areas or not all(0 < float(a) < 1 for a in curve_areas):
+            raise ValueError(f"curve_areas: expected fractions in (0, 1), got {curve_areas!r}")
+        super().__init__(explanandum, explanandum_fingerprint, baseline=baseline, lr=lr, weight_decay=weight_decay,
+                         optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+                         channels_last=channels_last)
+        self.save_hyperparameters(ignore=["explanandum"])
+        self.hparams.explanandum = self.explanandum.spec
+        self.hparams.explanandum_fingerprint = self.explanandum_fingerprint
+        self.net = build_segmentation_net(architecture, encoder, self.num_classes, encoder_weights,
+                                          **(decoder_kwargs or {}))
+        if init_encoder_from_explanandum and not self.restoring:
+            init_encoder_from(self.net, self.explanandum.model)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self._cache: MapCache | None = None
+        self._teacher = None
+
+    # ---- the teacher ------------------------------------------------------------------
+    def teacher_maps(self, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image: (classes (K,), maps (K, H, W) in [0, 1]) at the batch's resolution."""
+        hp, x = self.hparams, batch["image"]
+        size = x.shape[-2:]
+        if hp.teacher_cache is not None:
+            if self._cache is None:
+                roots = [hp.teacher_cache] if isinstance(hp.teacher_cache, str) else list(hp.teacher_cache)
+                caches = [MapCache(r, fingerprint=self.explanandum_fingerprint) for r in roots]
+                self._cache = caches[0]
+                for c in caches[1:]:
+                    self._cache.entries.update(c.entries)
+            out = []
+            for image_id in batch["id"]:
+                classes, maps = self._cache.get(str(image_id))
+                out.append((classes.to(x.device), upsample(maps[:, None].to(x.device), size)[:, 0]))
+            return out
+        if hp.teacher is None:
+            raise ValueError("teacher: give teacher_cache (an attribute cache) or teacher (a registered method)")
+        if self._teacher is None:
+            self._teacher = method_registry.get(hp.teacher, self.explanandum, **(hp.teacher_options or {}))
+        nz = (batch["labels"] > 0.5).nonzero()
+        maps = self._teacher.attribute(x[nz[:, 0]], nz[:, 1]) if len(nz) else x.new_zeros(0, 1, *size)
+        maps = minmax_normalize(maps.detach().float())[:, 0]
+        return [(nz[nz[:, 0] == b, 1], maps[nz[:, 0] == b]) for b in range(x.shape[0])]
+
+    # ---- the loss -----------------------------------------------------------------------
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        x, y = batch["image"], batch["labels"]
+        index = torch.as_tensor(batch.get("index", torch.arange(x.shape[0])), device=x.device)
+        teach = self.teacher_maps(batch)
+        if hp.augment and self.training:
+            x, maps = joint_augment(x, [m for _, m in teach], index, int(self.global_step), hp.rotate)
+            teach = [(c, m) for (c, _), m in zip(teach, maps)]
+        S = self(x)
+        b = torch.cat([torch.full((len(c),), i, device=x.device, dtype=torch.long) for i, (c, _) in enumerate(teach)])
+        c = torch.cat([c for c, _ in teach]).long()
+        out: dict[str, torch.Tensor] = {}
+        total = S.sum() * 0
+        if b.numel():
+            z = S[b, c]
+            t = torch.cat([m for _, m in teach])
+            out["map"] = losses.map_distillation_loss(z, t, hp.map_loss, hp.kl_temperature, hp.rank_pairs,
+                                                      hp.rank_margin)
+            total = total + hp.lambda_map * out["map"]
+            if hp.lambda_curve:
+                out["curve"] = self._curve(x[b], z[:, None], F.one_hot(c, self.num_classes).float())
+                total = total + hp.lambda_curve * out["curve"]
+        absent = y < 0.5
+        if hp.lambda_absent and absent.any():
+            za = S.permute(0, 2, 3, 1)[absent.view(absent.shape[0], 1, 1, -1).expand(-1, *S.shape[-2:], -1)]
+            out["absent"] = F.binary_cross_entropy_with_logits(za.float(), torch.zeros_like(za, dtype=torch.float))
+            total = total + hp.lambda_absent * out["absent"]
+        out["loss"] = total
+        return out
+
+    def _curve(self, x: torch.Tensor, z: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """The soft top-a masks must keep the class; the image without them must lose it (one explanandum pass)."""
+        hp, f = self.hparams, self.explanandum
+        tops = [losses.soft_top_area(z, float(a), hp.curve_temperature) for a in hp.curve_areas]
+        images = [self.mask(x, m) for m in tops] + [self.mask(x, 1 - m) for m in tops]
+        outs = f(torch.cat(images)).chunk(len(images))
+        k = len(tops)
+        keep = torch.stack([losses.counterfactual_loss(o, onehot, "groundtruth", f.multilabel, "none")
+                            for o in outs[:k]])
+        lose = torch.stack([losses.inverse_mask_loss(o, onehot, f.multilabel, reduction="none") for o in outs[k:]])
+        return (keep + lose).mean()
+
+    def validation_step(self, batch, batch_idx):
+        out = self.compute_losses(batch)
+        B = batch["image"].shape[0]
+        self.log_dict({f"val/{k}": v for k, v in out.items() if k != "loss"}, sync_dist=True, batch_size=B)
+        self.log("val/loss", out["loss"], sync_dist=True, batch_size=B, prog_bar=True)
