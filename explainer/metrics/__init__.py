@@ -10,6 +10,8 @@ deletion_auc       lower     RISE deletion curve area (probability)
 insertion_auc      higher    RISE insertion curve area (probability)
 pos_auc            lower     remove most relevant 0..90%, AUC of accuracy
 neg_auc            higher    remove least relevant 0..90%, AUC of accuracy
+road_morf          lower     ROAD: remove most relevant first, noisy linear fill
+road_lerf          higher    ROAD: remove least relevant first, noisy linear fill
 adp                lower     Grad-CAM++ average drop %
 pic                higher    Grad-CAM++ increase in confidence %
 saliency_metric    lower     Explainer paper's log-area minus log-probability
@@ -27,6 +29,8 @@ randomization_...  lower     Adebayo sanity check: rank correlation
 
 The plain functions (``deletion_auc(f, x, maps, target, ...)`` etc.) are
 the definitions; the registry and :class:`MetricTracker` only call them.
+ROAD and its noisy linear imputation live in :mod:`explainer.metrics.road`
+(``road(..., order="morf" | "lerf")``; ``road_morf`` and ``road_lerf`` here).
 """
 
 from explainer.metrics.localization import (
@@ -56,10 +60,12 @@ from explainer.metrics.registry import (
     describe,
     get,
 )
+from explainer.metrics.road import linear_impute, noisy_linear_impute, road_lerf, road_morf
 from explainer.metrics.sanity import model_randomization, randomize_explanandum, rank_correlation
 
 __all__ = ["pointing_accuracy", "pointing_game", "segmentation_stats", "segmentation_summary", "adp_pic",
            "class_specificity", "deletion_auc", "insertion_auc", "neg_auc", "pos_auc", "rise_counts",
            "saliency_metric", "trapezoid_auc", "DEFAULT_METRICS", "METRICS", "MetricSpec", "MetricTracker",
            "PairBatch", "available", "describe", "get", "model_randomization", "randomize_explanandum",
-           "rank_correlation"]
+           "rank_correlation", "linear_impute", "noisy_linear_impute", "road_morf",
+           "road_lerf"]

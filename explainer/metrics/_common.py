@@ -8,7 +8,7 @@ images or steps, and everything runs on the device of the inputs.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -134,7 +134,7 @@ def class_scores(f, logits: torch.Tensor, target: torch.Tensor, score: str) -> t
 
 @torch.no_grad()
 def perturbation_curves(f, x: torch.Tensor, ranks: torch.Tensor, counts: torch.Tensor, target: torch.Tensor,
-                        base: torch.Tensor, mode: str = "delete", score: str = "probability",
+                        base: torch.Tensor | Callable, mode: str = "delete", score: str = "probability",
                         max_batch: int = 256) -> torch.Tensor:
     """Scores of perturbed images (N, K): pair ``i`` at step ``k``.
 
@@ -146,7 +146,11 @@ def perturbation_curves(f, x: torch.Tensor, ranks: torch.Tensor, counts: torch.T
 
     Args:
         x: images (N, 3, H, W); ranks: long (N, 1, H, W); counts: long (K,);
-        target: long (N,); base: baseline images (N, 3, H, W).
+        target: long (N,); base: baseline images (N, 3, H, W), or a fill
+            that depends on the removed set, called once per chunk as
+            ``base(x[i], keep, i, j) -> (M, 3, H, W)`` with ``keep`` bool
+            (M, 1, H, W) and the pair ``i`` and step ``j`` of each row (e.g.
+            :class:`explainer.metrics.road.NoisyLinearFill`).
     """
     check_max_batch(max_batch)
     n, k = x.shape[0], counts.numel()
@@ -157,6 +161,7 @@ def perturbation_curves(f, x: torch.Tensor, ranks: torch.Tensor, counts: torch.T
         i, j = rows // k, rows % k
         c = counts[j].view(-1, 1, 1, 1)
         keep = ranks[i] >= c if mode == "delete" else ranks[i] < c
-        imgs = apply_mask(x[i], keep.to(x.dtype), base[i])
+        b = base(x[i], keep, i, j) if callable(base) else base[i]
+        imgs = apply_mask(x[i], keep.to(x.dtype), b)
         out[start:start + rows.numel()] = class_scores(f, f(imgs), target[i], score).float()
     return out.view(n, k)

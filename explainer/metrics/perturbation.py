@@ -6,8 +6,11 @@ All functions take the frozen classifier ``f`` (``f(x) -> logits``,
 and the class to score per image (``target``: int, list, LongTensor (N,), or
 None for the predicted top-1 class). They return one value per image (N,)
 unless said otherwise; the dataset value is the mean. Removed pixels are
-filled with the *baseline* (:mod:`explainer.masking`: ``"mean"``, ``"black"``,
-``"blur"`` or an image tensor) by ``apply_mask(x, keep, baseline)``.
+filled with the *baseline* (:mod:`explainer.core.masking`: ``"mean"``, ``"black"``,
+``"blur"`` or an image tensor) by ``apply_mask(x, keep, baseline)``;
+:func:`deletion_auc` and :func:`insertion_auc` also take ``"nli"``, ROAD's
+noisy linear imputation (:mod:`explainer.metrics.road`), recomputed for
+every removed set.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from explainer.metrics._common import (
     pixel_ranks,
     resolve_target,
 )
+from explainer.metrics.road import removal_fill
 
 POS_NEG_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -46,60 +50,81 @@ def rise_counts(num_pixels: int, steps: int) -> torch.Tensor:
     return (torch.arange(n + 1) * step).clamp_max(num_pixels)
 
 
-def trapezoid_auc(curves: torch.Tensor) -> torch.Tensor:
-    """Area under curves (N, K) sampled at K evenly spaced points of [0, 1] (trapezoidal rule) -> (N,)."""
+def trapezoid_auc(curves: torch.Tensor, fractions: torch.Tensor | None = None) -> torch.Tensor:
+    """Area under curves (N, K) by the trapezoidal rule -> (N,).
+
+    ``fractions`` (K,): the increasing points of [0, 1] the curves were
+    sampled at; None means K evenly spaced points.
+    """
     k = curves.shape[1]
     if k < 2:
         raise ValueError(f"curves: need at least 2 points, got {k}")
-    return (curves.sum(1) - curves[:, 0] / 2 - curves[:, -1] / 2) / (k - 1)
+    if fractions is None:
+        return (curves.sum(1) - curves[:, 0] / 2 - curves[:, -1] / 2) / (k - 1)
+    if fractions.shape != (k,):
+        raise ValueError(f"fractions: expected {k} points (one per curve sample), got {tuple(fractions.shape)}")
+    return torch.trapezoid(curves, fractions.to(curves), dim=1)
 
 
-def _causal(f, x, maps, target, baseline, steps, max_batch, mode, return_curves, score="probability"):
+def _causal(f, x, maps, target, baseline, steps, max_batch, mode, return_curves, score="probability",
+            noise=None, seed=None):
     maps = check_images_maps(x, maps)
     check_max_batch(max_batch)
     t = resolve_target(f, x, target, max_batch)
-    base = baseline_images(f, x, baseline)
-    counts = rise_counts(x.shape[-1] * x.shape[-2], steps)
+    base = removal_fill(f, x, baseline, noise, seed)
+    hw = x.shape[-1] * x.shape[-2]
+    counts = rise_counts(hw, steps)
     curves = perturbation_curves(f, x, pixel_ranks(maps), counts, t, base, mode=mode, score=score,
                                  max_batch=max_batch)
-    auc = trapezoid_auc(curves)
+    # the last step may perturb fewer pixels than the others: integrate over the actual fractions
+    auc = trapezoid_auc(curves, counts.double() / hw)
     return (auc, curves) if return_curves else auc
 
 
 def deletion_auc(f, x: torch.Tensor, maps: torch.Tensor, target: Target = None, *,
                  baseline: str | torch.Tensor = "mean", steps: int = 100, max_batch: int = 256,
-                 return_curves: bool = False, score: str = "probability"):
+                 return_curves: bool = False, score: str = "probability", noise: float | None = None,
+                 seed: int | None = None):
     """Deletion AUC (Petsiuk et al., RISE, BMVC 2018). **Lower is better.**
 
-    Pixels are removed (set to the baseline) in order of decreasing
-    attribution, ``s = ceil(HW/steps)`` pixels per step, and the target
-    class probability ``p_k`` is recorded after each of the ``n+1`` steps
-    (``k = 0``: the intact image; ``k = n``: the baseline image):
-    ``AUC = (sum_k p_k - p_0/2 - p_n/2) / n`` (trapezoid over [0, 1]).
+    Pixels are removed in order of decreasing attribution, ``s =
+    ceil(HW/steps)`` pixels per step (the last step removes what is left),
+    and the target class probability ``p_k`` is recorded after each of the
+    ``n+1`` steps (``k = 0``: the intact image; ``k = n``: every pixel
+    removed). ``AUC = trapz(p_k, r_k)``, the trapezoid rule over the
+    actual removed fractions ``r_k = min(k*s, HW) / HW`` (RISE's code
+    assumes even spacing, which over-weights a short last step).
 
-    Baseline fill: ``baseline`` (RISE used black for deletion). Target: as
-    given (ground truth or predicted; None = predicted top-1).
+    Fill of the removed pixels: ``baseline``: ``"mean"``, ``"black"``,
+    ``"blur"``, an image, or ``"nli"``: ROAD's noisy linear imputation
+    (:func:`explainer.metrics.road.noisy_linear_impute`, noise std ``noise``,
+    default 0.01, seeded by ``seed``, default 0; a fill no explainer trains
+    with, one sparse solve per image and step). RISE used black for
+    deletion. Target: as given (ground truth or predicted; None = predicted
+    top-1).
 
     Returns:
         AUC (N,), and the curves (N, n+1) when ``return_curves``.
     """
-    return _causal(f, x, maps, target, baseline, steps, max_batch, "delete", return_curves, score)
+    return _causal(f, x, maps, target, baseline, steps, max_batch, "delete", return_curves, score, noise, seed)
 
 
 def insertion_auc(f, x: torch.Tensor, maps: torch.Tensor, target: Target = None, *,
                   baseline: str | torch.Tensor = "mean", steps: int = 100, max_batch: int = 256,
-                  return_curves: bool = False, score: str = "probability"):
+                  return_curves: bool = False, score: str = "probability", noise: float | None = None,
+                  seed: int | None = None):
     """Insertion AUC (Petsiuk et al., RISE, BMVC 2018). **Higher is better.**
 
-    Starting from the baseline image, pixels of ``x`` are inserted in order
-    of decreasing attribution, ``s = ceil(HW/steps)`` per step; the curve and
-    its area are as in :func:`deletion_auc` (``k = 0``: the baseline image;
-    ``k = n``: the intact image).
+    Starting from the fully removed image, pixels of ``x`` are inserted in
+    order of decreasing attribution, ``s = ceil(HW/steps)`` per step; the
+    curve and its area are as in :func:`deletion_auc` (``k = 0``: every
+    pixel removed; ``k = n``: the intact image).
 
-    Baseline fill: ``baseline`` (RISE used a blurred image for insertion).
-    Target: as given (None = predicted top-1).
+    Fill: ``baseline`` as in :func:`deletion_auc` (RISE used a blurred
+    image for insertion; with ``"nli"`` the pixels not yet inserted are
+    imputed from the inserted ones). Target: as given (None = predicted top-1).
     """
-    return _causal(f, x, maps, target, baseline, steps, max_batch, "insert", return_curves, score)
+    return _causal(f, x, maps, target, baseline, steps, max_batch, "insert", return_curves, score, noise, seed)
 
 
 def _check_fractions(fractions: Sequence[float]) -> torch.Tensor:

@@ -19,11 +19,16 @@ from torch import nn
 from explainer.core.registry import Registry
 from explainer.metrics import localization as loc
 from explainer.metrics import perturbation as pert
+from explainer.metrics.road import road
 from explainer.metrics.sanity import rank_correlation
 
 TARGET_TEXT = "the evaluated target class of each (image, class) pair: ground truth or predicted, as configured"
 BASELINE_TEXT = "the configured baseline (mean | black | blur), via explainer.core.masking.apply_mask"
 NO_BASELINE = "none (no perturbation)"
+NLI_TEXT = ("noisy linear imputation (ROAD): each removed pixel the weighted mean of its 8 neighbours, solved as one "
+            "sparse system per image and step, plus Gaussian noise (std 0.01 in [0, 1] pixel units unless the "
+            "option noise says otherwise), clamped to [0, 1]")
+FILL_TEXT = BASELINE_TEXT + ", unless the metric option fill (mean | black | blur | nli) says otherwise"
 
 
 @dataclass
@@ -114,12 +119,23 @@ def _cached(batch: PairBatch, key: str, fn: Callable[[], Any]) -> Any:
 
 
 # ---- perturbation metrics ---------------------------------------------------
+def _with_fill(b: PairBatch, o: dict) -> dict:
+    o = dict(o)
+    return {"baseline": o.pop("fill", b.baseline), **o}
+
+
 def _deletion(b: PairBatch, o: dict) -> Stats:
-    return {"auc": pert.deletion_auc(b.f, b.x, b.maps, b.target, baseline=b.baseline, max_batch=b.max_batch, **o)}
+    return {"auc": pert.deletion_auc(b.f, b.x, b.maps, b.target, max_batch=b.max_batch, **_with_fill(b, o))}
 
 
 def _insertion(b: PairBatch, o: dict) -> Stats:
-    return {"auc": pert.insertion_auc(b.f, b.x, b.maps, b.target, baseline=b.baseline, max_batch=b.max_batch, **o)}
+    return {"auc": pert.insertion_auc(b.f, b.x, b.maps, b.target, max_batch=b.max_batch, **_with_fill(b, o))}
+
+
+def _road(order: str) -> Callable[[PairBatch, dict], Stats]:
+    def compute(b: PairBatch, o: dict) -> Stats:
+        return {"value": road(b.f, b.x, b.maps, b.target, order=order, max_batch=b.max_batch, **o)}
+    return compute
 
 
 def _pos(b: PairBatch, o: dict) -> Stats:
@@ -228,13 +244,21 @@ _SEG_DESC = {
 }
 
 _SPECS: list[MetricSpec] = [
-    MetricSpec("deletion_auc", "lower", BASELINE_TEXT, TARGET_TEXT,
+    MetricSpec("deletion_auc", "lower", FILL_TEXT, TARGET_TEXT,
                "RISE deletion: remove pixels by decreasing attribution in steps of ceil(HW/steps) pixels (default "
-               "steps=100), area under the target-probability curve, trapezoid over [0, 1]",
-               _deletion, _mean("auc"), options=("steps", "score")),
-    MetricSpec("insertion_auc", "higher", BASELINE_TEXT, TARGET_TEXT,
-               "RISE insertion: insert pixels into the baseline image by decreasing attribution, same schedule and "
-               "area as deletion", _insertion, _mean("auc"), options=("steps", "score")),
+               "steps=100), area under the target-probability curve, trapezoid over the removed fractions",
+               _deletion, _mean("auc"), options=("steps", "score", "fill", "noise", "seed")),
+    MetricSpec("insertion_auc", "higher", FILL_TEXT, TARGET_TEXT,
+               "RISE insertion: insert pixels into the fully removed image by decreasing attribution, same "
+               "schedule and area as deletion", _insertion, _mean("auc"),
+               options=("steps", "score", "fill", "noise", "seed")),
+    MetricSpec("road_morf", "lower", NLI_TEXT, TARGET_TEXT,
+               "ROAD, most relevant first: remove the most relevant 10,20,...,90% of pixels, fill them by noisy "
+               "linear imputation, mean over the percentiles of the target probability",
+               _road("morf"), _mean("value"), options=("percentiles", "noise", "seed", "score")),
+    MetricSpec("road_lerf", "higher", NLI_TEXT, TARGET_TEXT,
+               "ROAD, least relevant first: remove the least relevant 10,20,...,90% of pixels, as road_morf",
+               _road("lerf"), _mean("value"), options=("percentiles", "noise", "seed", "score")),
     MetricSpec("pos_auc", "lower", BASELINE_TEXT, TARGET_TEXT,
                "positive perturbation: remove the most relevant 0,10,...,90% of pixels, 100 * trapz of the "
                "target's top-1 accuracy (multi-label: sigmoid > 0.5) over the fraction axis",
@@ -290,9 +314,19 @@ def get(name: str) -> MetricSpec:
     return METRICS.get(name)
 
 
-def describe(names: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Direction, baseline, target and description of each metric, as plain dicts."""
-    return {n: get(n).describe() for n in (names if names is not None else available())}
+def describe(names: list[str] | None = None, options: dict[str, dict] | None = None) -> dict[str, dict[str, Any]]:
+    """Direction, baseline, target and description of each metric, as plain dicts.
+
+    With ``options`` (per-metric option dicts, as given to
+    :class:`MetricTracker`), a metric whose ``fill`` option is set states
+    that fill as its baseline.
+    """
+    out = {n: get(n).describe() for n in (names if names is not None else available())}
+    for n, d in out.items():
+        fill = (options or {}).get(n, {}).get("fill")
+        if fill is not None and "fill" in get(n).options:
+            d["baseline"] = NLI_TEXT if fill == "nli" else f"{fill} (metric option fill), via apply_mask"
+    return out
 
 
 class MetricTracker:
@@ -341,7 +375,9 @@ class MetricTracker:
         if batch.gt is not None and (batch.has_mask is None or bool(batch.has_mask.any())):
             self.saw_masks = True
         for s in self.specs:
-            opts = {k: v for k, v in self.options[s.name].items() if k not in ("cascade", "seed")}
+            # cascade and seed of the randomisation check build the randomised explanandum, not the metric
+            opts = {k: v for k, v in self.options[s.name].items()
+                    if not (s.needs_random_maps and k in ("cascade", "seed"))}
             st = s.compute(batch, opts)
             if st:
                 self.stats[s.name].append(st)

@@ -262,7 +262,7 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
                            else cfg["explanandum"]["spec"]),
         "dataset": f"{type(dm).__name__}({getattr(dm, 'root', '')})",
         "split": cfg["split"], "num_images": len(ds), "target": cfg["target"], "baseline": cfg["baseline"],
-        "device": str(device), "seed": cfg["seed"], "metric_specs": M.describe(names),
+        "device": str(device), "seed": cfg["seed"], "metric_specs": M.describe(names, cfg["metric_options"]),
         "metric_options": cfg["metric_options"], "methods": {}}
     figure: dict[str, Any] = {"images": [], "titles": [], "maps": {}, "class_names": list(f.class_names)}
     # build every method first: a bad option fails before hours of work on the methods before it
