@@ -12,7 +12,8 @@ normalised to [0, 1]) and student logits ``z_c``::
   meaningful map for every class, as the Explainer's non-target term does;
 * ``L_curve`` (``lambda_curve`` > 0): the faithfulness term of LTX's finetuning: the soft top ``a`` of the map
   for each area ``a`` of ``curve_areas`` must keep class ``c`` and the image without it must lose it
-  (:func:`explainer.losses.soft_top_area`), masking with the explainer's baseline.
+  (:func:`explainer.losses.soft_top_area`), masking with the explainer's baseline; for one explained class
+  per image and step (it costs two explanandum passes per area).
 
 The teacher's maps come from a cache written by ``python -m explainer attribute`` (``teacher_cache``, one folder
 or several, e.g. the train and val splits; looked up by image id), or from a registered method run on each batch
@@ -30,6 +31,7 @@ from explainer import losses
 from explainer.core.maps import minmax_normalize, upsample
 from explainer.explainers.base import TrainedExplainer, register_kind
 from explainer.explainers.cache import MapCache
+from explainer.explainers.explainer import pick_present
 from explainer.methods import base as method_registry
 from explainer.nets.segmentation import build_segmentation_net, init_encoder_from
 
@@ -155,7 +157,14 @@ class DistillModule(TrainedExplainer):
                                                       hp.rank_margin)
             total = total + hp.lambda_map * out["map"]
             if hp.lambda_curve:
-                out["curve"] = self._curve(x[b], z[:, None], F.one_hot(c, self.num_classes).float())
+                # one explained class per image (pseudo-random in (index, step)): the term costs 2 x areas
+                # explanandum passes per row
+                present = torch.zeros_like(y, dtype=torch.bool)
+                present[b, c] = True
+                pick = pick_present(present, index, int(self.global_step))
+                rows = present.any(1).nonzero().flatten()
+                zc = S[rows, pick[rows]][:, None]
+                out["curve"] = self._curve(x[rows], zc, F.one_hot(pick[rows], self.num_classes).float())
                 total = total + hp.lambda_curve * out["curve"]
         absent = y < 0.5
         if hp.lambda_absent and absent.any():

@@ -223,7 +223,15 @@ def attribute(method: str, data: str | dict, split: str, out: str | Path, option
                     callbacks=[ShardWriter(out, shard_size, dtype)] + ([ImagesPerSecond()] if progress else []))
     loader = ShardLoader(ds, shard_size, done, int(getattr(dm, "num_workers", 0) or 0))
     if len(done) < manifest["num_shards"]:
+        t0 = time.perf_counter()
         tr.predict(task, datamodule=loader, return_predictions=False)
+        if tr.is_global_zero:  # what this run cost (a resumed run: its own part only)
+            todo = sum(min(n, (k + 1) * shard_size) - k * shard_size for k in range(manifest["num_shards"])
+                       if k not in done)
+            seconds = time.perf_counter() - t0
+            manifest["last_run"] = {"images": todo, "seconds": seconds, "seconds_per_image": seconds / todo,
+                                    "processes": tr.world_size}
+            write_manifest(out, manifest)
     return manifest
 
 

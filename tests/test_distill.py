@@ -1,0 +1,148 @@
+"""The distill kind: map losses against plain formulas, a student learning a cached teacher, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from helpers import TINY_DECODER
+
+import explainer
+from explainer import losses
+from explainer.data import VOCDataModule, synthetic
+from explainer.explainers import DistillModule
+from explainer.explainers.distill import joint_augment
+from explainer.explainers.export import export_onnx, export_safetensors
+from explainer.pipelines.attribute import attribute
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_voc, tmp_path_factory):
+    d = tmp_path_factory.mktemp("distill")
+    torch.manual_seed(0)
+    f = explainer.load_explanandum("timm:explainer_resnet_tiny", num_classes=len(synthetic.CLASSES),
+                                   multilabel=True, class_names=list(synthetic.CLASSES))
+    clf = str(explainer.save_explanandum(f, d / "tiny.safetensors"))
+    data = {"class_path": "explainer.data.VOCDataModule",
+            "init_args": {"root": str(tiny_voc), "image_size": 64, "num_workers": 0}}
+    (d / "data.yaml").write_text(json.dumps({"data": data}))
+    for split in ("train", "val"):
+        attribute("gradcam", str(d / "data.yaml"), split, d / f"cache_{split}", explanandum=clf, shard_size=8,
+                  progress=False)
+    return d, clf
+
+
+def student(clf, d, **kw):
+    args = dict(explanandum=clf, teacher_cache=[str(d / "cache_train"), str(d / "cache_val")], architecture="Unet",
+                encoder="tu-explainer_resnet_tiny", decoder_kwargs=TINY_DECODER, lr=3e-3, lr_schedule="constant",
+                channels_last=False)
+    args.update(kw)
+    return DistillModule(**args)
+
+
+def test_map_losses_equal_plain_formulas():
+    torch.manual_seed(0)
+    z, t = torch.randn(3, 5, 6), torch.rand(3, 5, 6)
+    bce = -(t * torch.log(torch.sigmoid(z)) + (1 - t) * torch.log(1 - torch.sigmoid(z))).mean()
+    assert torch.allclose(losses.map_distillation_loss(z, t, "bce"), bce, atol=1e-6)
+    kl = 0.0
+    for i in range(3):
+        p = torch.exp(t[i].flatten() / 0.2) / torch.exp(t[i].flatten() / 0.2).sum()
+        q = torch.exp(z[i].flatten()) / torch.exp(z[i].flatten()).sum()
+        kl += float((p * torch.log(p / q)).sum()) / 3
+    assert abs(float(losses.map_distillation_loss(z, t, "kl", temperature=0.2)) - kl) < 1e-5
+    g = torch.Generator().manual_seed(3)
+    got = losses.map_distillation_loss(z, t, "rank", pairs=7, margin=0.1, generator=g)
+    g = torch.Generator().manual_seed(3)
+    i = torch.randint(0, 30, (3, 7), generator=g)
+    j = torch.randint(0, 30, (3, 7), generator=g)
+    num, den = 0.0, 0
+    for r in range(3):
+        for a, b in zip(i[r].tolist(), j[r].tolist()):
+            dt = float(t[r].flatten()[a] - t[r].flatten()[b])
+            if abs(dt) > 0.1:
+                num += float(F.softplus(-(z[r].flatten()[a] - z[r].flatten()[b]) * (1 if dt > 0 else -1)))
+                den += 1
+    assert abs(float(got) - num / max(den, 1)) < 1e-5
+    with pytest.raises(ValueError, match="map_loss"):
+        losses.map_distillation_loss(z, t, "l2")
+
+
+def test_joint_augment_moves_maps_with_images():
+    x = torch.rand(4, 3, 16, 16)
+    maps = [x[b, :1].clone() for b in range(4)]
+    xa, ma = joint_augment(x, maps, torch.arange(4), step=5)
+    for b in range(4):
+        assert torch.equal(xa[b, :1], ma[b])
+    assert not all(torch.equal(xa[b], x[b]) for b in range(4))  # some image was transformed
+    again, _ = joint_augment(x, maps, torch.arange(4), step=5)
+    assert torch.equal(again, xa)  # a function of (index, step) only
+
+
+def test_student_learns_the_teacher_and_round_trips(setup, tiny_voc, tmp_path):
+    d, clf = setup
+    pl.seed_everything(0)
+    model = student(clf, d, lambda_curve=0.5, curve_areas=(0.1, 0.3))
+    dm = VOCDataModule(root=str(tiny_voc), image_size=64, batch_size=8, num_workers=0, augment=False)
+    dm.setup("fit")
+    batch = next(iter(torch.utils.data.DataLoader(dm.dataset("train", train_transform=False), batch_size=24)))
+
+    def distance():
+        model.eval()
+        with torch.no_grad():
+            return float(model.compute_losses(batch)["map"])
+
+    before = distance()
+    tr = pl.Trainer(max_epochs=12, accelerator="cpu", logger=False, enable_progress_bar=False,
+                    default_root_dir=tmp_path, log_every_n_steps=1,
+                    callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)])
+    tr.fit(model, dm)
+    after = distance()
+    assert after < 0.85 * before, (before, after)
+    # the same module back from the checkpoint, an export and the methods interface
+    x = batch["image"][:3]
+    ref = model.eval().explain(x)
+    loaded = explainer.load(tmp_path / "ck" / "last.ckpt")
+    assert loaded.kind == "distill" and torch.allclose(loaded.explain(x), ref, atol=1e-6)
+    exported = explainer.load(export_safetensors(loaded, tmp_path / "s.safetensors"))
+    assert torch.allclose(exported.explain(x), ref, atol=1e-6)
+    m = explainer.methods.get("distill", None, checkpoint=str(tmp_path / "s.safetensors"))
+    assert torch.allclose(m.attribute(x, [1, 2, 3]), ref[torch.arange(3), [1, 2, 3]][:, None], atol=1e-6)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(export_onnx(loaded, tmp_path / "s.onnx", 64)),
+                                providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(out - ref.numpy()).max() < 1e-4
+
+
+def test_online_teacher_equals_the_cache(setup, tiny_voc):
+    d, clf = setup
+    dm = VOCDataModule(root=str(tiny_voc), image_size=64, num_workers=0, augment=False)
+    batch = next(iter(torch.utils.data.DataLoader(dm.dataset("val", train_transform=False), batch_size=12)))
+    cached = student(clf, d).teacher_maps(batch)
+    online = student(clf, d, teacher_cache=None, teacher="gradcam").teacher_maps(batch)
+    for (c1, m1), (c2, m2) in zip(cached, online):
+        assert torch.equal(c1, c2)
+        assert (m1 - m2).abs().max() < 2e-3  # the cache stores fp16
+
+
+def test_errors(setup, tiny_voc):
+    d, clf = setup
+    with pytest.raises(ValueError, match="map_loss"):
+        student(clf, d, map_loss="l1")
+    with pytest.raises(ValueError, match="lambda_curve"):
+        student(clf, d, lambda_curve=-1)
+    torch.manual_seed(5)
+    other = explainer.save_explanandum(
+        explainer.load_explanandum("timm:explainer_resnet_tiny", num_classes=len(synthetic.CLASSES),
+                                   multilabel=True, class_names=list(synthetic.CLASSES)), d / "other.safetensors")
+    dm = VOCDataModule(root=str(tiny_voc), image_size=64, num_workers=0, augment=False)
+    batch = next(iter(torch.utils.data.DataLoader(dm.dataset("test", train_transform=False), batch_size=2)))
+    with pytest.raises(ValueError, match="another classifier"):
+        student(str(other), d).teacher_maps(batch)
+    with pytest.raises(KeyError, match="no maps for image"):
+        student(clf, d).teacher_maps(batch)  # the test split was never attributed
