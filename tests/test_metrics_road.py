@@ -337,6 +337,22 @@ def test_registry_road_and_fill_option():
         "baseline"]
 
 
+def test_fixed_fill_metrics_equal_the_fill_option():
+    """deletion_auc_blur / insertion_auc_nli ... are deletion and insertion with that fill, whatever the
+    configured baseline."""
+    f, x, perfect = direction_case(12, 12, n=4)
+    t = torch.zeros(4, dtype=torch.long)
+    names = ["deletion_auc_blur", "insertion_auc_blur", "deletion_auc_nli", "insertion_auc_nli"]
+    tr = M.MetricTracker(names, {n: {"steps": 6} for n in names})
+    tr.update(M.PairBatch(f, x, perfect, t, torch.arange(4), baseline="black", max_batch=3))
+    vals, _ = tr.compute()
+    for n in names:
+        fn = M.deletion_auc if n.startswith("deletion") else M.insertion_auc
+        want = fn(f, x, perfect, t, baseline=n.rsplit("_", 1)[1], steps=6)
+        assert vals[n] == pytest.approx(float(want.double().mean()), abs=1e-6), n
+    assert M.get("deletion_auc_blur").direction == "lower" and M.get("insertion_auc_nli").direction == "higher"
+
+
 # --------------------------------------------------------------------------- peer: pytorch-grad-cam
 def _gradcam_road():
     try:

@@ -292,6 +292,16 @@ _SPECS: list[MetricSpec] = [
                "trained and of the fully re-initialised explanandum, mean over pairs", _randomization,
                _mean("value"), needs_random_maps=True, options=("absolute", "cascade", "seed")),
 ]
+# deletion and insertion under a fixed fill, beside the configured one (a results table can show both: the fill
+# an explainer trained with and one it never saw)
+for _fill in ("blur", "nli"):
+    for _base in _SPECS[:2]:
+        _SPECS.append(MetricSpec(
+            f"{_base.name}_{_fill}", _base.direction, NLI_TEXT if _fill == "nli" else f"{_fill}, via apply_mask",
+            _base.target, f"{_base.description}; removed pixels filled by {_fill} whatever the configured baseline",
+            (lambda fn, fill: lambda b, o: fn(b, {**o, "fill": fill}))(_base.compute, _fill), _base.reduce,
+            options=tuple(k for k in _base.options if k != "fill")))
+
 METRICS: Registry[MetricSpec] = Registry("metric")
 for _spec in _SPECS:
     METRICS.add(_spec.name, _spec)
