@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_classifier
 from safetensors.torch import load_file
 
 import explainer
@@ -25,10 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(tiny_voc, tmp_path_factory):
     d = tmp_path_factory.mktemp("attr")
-    torch.manual_seed(0)
-    f = explainer.load_explanandum("timm:explainer_resnet_tiny", num_classes=len(synthetic.CLASSES),
-                                   multilabel=True, class_names=list(synthetic.CLASSES))
-    clf = explainer.save_explanandum(f, d / "tiny.safetensors")
+    clf = tiny_classifier(d / "tiny.safetensors")
     data = {"class_path": "explainer.data.VOCDataModule",
             "init_args": {"root": str(tiny_voc), "image_size": 64, "num_workers": 0}}
     cfg = d / "data.yaml"

@@ -8,7 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from helpers import TINY_DECODER
+from helpers import TINY_DECODER, tiny_classifier
 
 import explainer
 from explainer import losses
@@ -22,10 +22,7 @@ from explainer.pipelines.attribute import attribute
 @pytest.fixture(scope="module")
 def setup(tiny_voc, tmp_path_factory):
     d = tmp_path_factory.mktemp("distill")
-    torch.manual_seed(0)
-    f = explainer.load_explanandum("timm:explainer_resnet_tiny", num_classes=len(synthetic.CLASSES),
-                                   multilabel=True, class_names=list(synthetic.CLASSES))
-    clf = str(explainer.save_explanandum(f, d / "tiny.safetensors"))
+    clf = str(tiny_classifier(d / "tiny.safetensors"))
     data = {"class_path": "explainer.data.VOCDataModule",
             "init_args": {"root": str(tiny_voc), "image_size": 64, "num_workers": 0}}
     (d / "data.yaml").write_text(json.dumps({"data": data}))

@@ -33,7 +33,7 @@ from explainer.explainers.base import TrainedExplainer, register_kind
 from explainer.explainers.cache import MapCache
 from explainer.explainers.explainer import pick_present
 from explainer.methods import base as method_registry
-from explainer.nets.segmentation import build_segmentation_net, init_encoder_from
+from explainer.nets.segmentation import build_mask_net
 
 CURVE_AREAS, CURVE_TEMPERATURE = (0.05, 0.1, 0.25, 0.5), 0.1
 
@@ -101,12 +101,9 @@ class DistillModule(TrainedExplainer):
         self.save_hyperparameters(ignore=["explanandum"])
         self.hparams.explanandum = self.explanandum.spec
         self.hparams.explanandum_fingerprint = self.explanandum_fingerprint
-        self.net = build_segmentation_net(architecture, encoder, self.num_classes, encoder_weights,
-                                          **(decoder_kwargs or {}))
-        if init_encoder_from_explanandum and not self.restoring:
-            init_encoder_from(self.net, self.explanandum.model)
-        if channels_last:
-            self.net.to(memory_format=torch.channels_last)
+        init = self.explanandum.model if init_encoder_from_explanandum and not self.restoring else None
+        self.net = build_mask_net(architecture, encoder, self.num_classes, encoder_weights, decoder_kwargs, init,
+                                  channels_last)
         self._cache: MapCache | None = None
         self._teacher = None
 

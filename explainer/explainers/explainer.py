@@ -25,7 +25,7 @@ from explainer import losses
 from explainer.core import viz
 from explainer.core.constants import VOID
 from explainer.explainers.base import TrainedExplainer, register_kind
-from explainer.nets.segmentation import build_segmentation_net, init_encoder_from
+from explainer.nets.segmentation import build_mask_net
 
 
 def pick_present(present: torch.Tensor, index: torch.Tensor, step: int) -> torch.Tensor:
@@ -84,12 +84,9 @@ class ExplainerModule(TrainedExplainer):
                          channels_last=channels_last)
         self.save_hyperparameters()
         self.hparams.explanandum_fingerprint = self.explanandum_fingerprint
-        self.net = build_segmentation_net(architecture, encoder, self.num_classes, encoder_weights,
-                                          **(decoder_kwargs or {}))
-        if init_encoder_from_explanandum and not self.restoring:
-            init_encoder_from(self.net, self.explanandum.model)
-        if channels_last:
-            self.net.to(memory_format=torch.channels_last)
+        init = self.explanandum.model if init_encoder_from_explanandum and not self.restoring else None
+        self.net = build_mask_net(architecture, encoder, self.num_classes, encoder_weights, decoder_kwargs, init,
+                                  channels_last)
         self.val_iou = MultilabelJaccardIndex(num_labels=self.num_classes, threshold=0.5, average="macro",
                                               ignore_index=VOID)
 

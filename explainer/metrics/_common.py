@@ -75,13 +75,14 @@ def check_max_batch(max_batch: int) -> int:
     return max_batch
 
 
-def check_baseline_arg(baseline: str | torch.Tensor, x: torch.Tensor) -> None:
+def check_baseline_arg(baseline: str | torch.Tensor, x: torch.Tensor, allowed: tuple[str, ...] = BASELINES) -> None:
+    """ValueError unless ``baseline`` is one of ``allowed`` or a baseline image of ``x``'s shape."""
     if isinstance(baseline, torch.Tensor):
         if baseline.shape != x.shape:
             raise ValueError(f"baseline: a baseline image must have the images' shape {tuple(x.shape)}, "
                              f"got {tuple(baseline.shape)}")
-    elif baseline not in BASELINES:
-        raise ValueError(f"baseline: expected one of {BASELINES} or an image tensor, got {baseline!r}")
+    elif baseline not in allowed:
+        raise ValueError(f"baseline: expected one of {allowed} or an image tensor, got {baseline!r}")
 
 
 def baseline_images(f, x: torch.Tensor, baseline: str | torch.Tensor, blur_sigma: float = 10.0) -> torch.Tensor:

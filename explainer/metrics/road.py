@@ -58,6 +58,7 @@ from explainer.metrics._common import (
     BASELINES,
     Target,
     baseline_images,
+    check_baseline_arg,
     check_images_maps,
     check_max_batch,
     perturbation_curves,
@@ -267,12 +268,7 @@ class NoisyLinearFill:
 
 def check_fill(fill: str | torch.Tensor, x: torch.Tensor) -> None:
     """ValueError unless ``fill`` is one of :data:`FILLS` or a baseline image of ``x``'s shape."""
-    if isinstance(fill, torch.Tensor):
-        if fill.shape != x.shape:
-            raise ValueError(f"baseline: a baseline image must have the images' shape {tuple(x.shape)}, "
-                             f"got {tuple(fill.shape)}")
-    elif fill not in FILLS:
-        raise ValueError(f"baseline: expected one of {FILLS} or an image tensor, got {fill!r}")
+    check_baseline_arg(fill, x, FILLS)
 
 
 def removal_fill(f, x: torch.Tensor, fill: str | torch.Tensor, noise: float | None = None,

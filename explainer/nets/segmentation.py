@@ -29,6 +29,19 @@ def build_segmentation_net(architecture: str, encoder: str, classes: int, encode
                          f"decoder settings {kwargs}: {err}") from err
 
 
+def build_mask_net(architecture: str, encoder: str, classes: int, encoder_weights: str | None = None,
+                   decoder_kwargs: dict | None = None, init_from: nn.Module | None = None,
+                   channels_last: bool = False) -> nn.Module:
+    """A trained explainer's network: :func:`build_segmentation_net`, its encoder initialised from ``init_from``
+    (the explanandum's backbone; None: left as built) and its memory format channels-last if asked."""
+    net = build_segmentation_net(architecture, encoder, classes, encoder_weights, **(decoder_kwargs or {}))
+    if init_from is not None:
+        init_encoder_from(net, init_from)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    return net
+
+
 def init_encoder_from(net: nn.Module, source: nn.Module) -> int:
     """Copy every tensor of ``source`` (a timm backbone) whose name and shape match into ``net.encoder``.
 
