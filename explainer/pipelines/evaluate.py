@@ -261,7 +261,8 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
         "explanandum": str(cfg["explanandum"] if not isinstance(cfg["explanandum"], dict)
                            else cfg["explanandum"]["spec"]),
         "dataset": f"{type(dm).__name__}({getattr(dm, 'root', '')})",
-        "split": cfg["split"], "num_images": len(ds), "target": cfg["target"], "baseline": cfg["baseline"],
+        "split": cfg["split"], "num_images": len(ds), "class_names": list(f.class_names), "target": cfg["target"],
+        "baseline": cfg["baseline"],
         "device": str(device), "seed": cfg["seed"], "metric_specs": M.describe(names, cfg["metric_options"]),
         "metric_options": cfg["metric_options"], "methods": {}}
     figure: dict[str, Any] = {"images": [], "titles": [], "maps": {}, "class_names": list(f.class_names)}
