@@ -11,7 +11,6 @@ from explainer.core.io import atomic_write_text
 from explainer.pipelines.args import parse
 from explainer.pipelines.evaluate import markdown_table
 
-
 STUDENT_METRICS = ("deletion_auc", "insertion_auc", "pointing_game")
 
 
