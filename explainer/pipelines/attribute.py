@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -222,6 +223,8 @@ def attribute(method: str, data: str | dict, split: str, out: str | Path, option
                     enable_checkpointing=False, enable_progress_bar=progress,
                     callbacks=[ShardWriter(out, shard_size, dtype)] + ([ImagesPerSecond()] if progress else []))
     loader = ShardLoader(ds, shard_size, done, int(getattr(dm, "num_workers", 0) or 0))
+    # ShardBatches returns every index of its shards; Lightning cannot know it and says so
+    warnings.filterwarnings("ignore", message="You are using a custom batch sampler")
     if len(done) < manifest["num_shards"]:
         t0 = time.perf_counter()
         tr.predict(task, datamodule=loader, return_predictions=False)
