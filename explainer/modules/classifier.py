@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
 
 from explainer.explanandum import FORMAT, build_timm
+from explainer.resume import ExactResume
 
 
 class ClassifierModule(pl.LightningModule):
@@ -88,6 +89,9 @@ class ClassifierModule(pl.LightningModule):
         name = "val/map" if self.hparams.multilabel else "val/acc"
         self.log(name, self.val_metric.compute(), prog_bar=True, sync_dist=True)
         self.val_metric.reset()
+
+    def configure_callbacks(self):
+        return [ExactResume()]  # randomness of a step from the step alone: exact resumption
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -31,6 +31,7 @@ from explainer.data.base import IGNORE
 from explainer.explanandum import Explanandum, check_images, load_explanandum
 from explainer.masking import apply_mask, check_baseline
 from explainer.nets.segmentation import build_segmentation_net, init_encoder_from
+from explainer.resume import ExactResume
 
 CHECKPOINT_FORMAT = "explainer.checkpoint/1"
 
@@ -179,6 +180,9 @@ class AmortizedExplainerModule(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in out.items() if k != "_S"}, on_step=True, on_epoch=True,
                       sync_dist=True, batch_size=batch["image"].shape[0])
         return out["loss"]
+
+    def configure_callbacks(self):
+        return [ExactResume()]  # dropout and any other draw of a step from the step alone: exact resumption
 
     def configure_optimizers(self):
         hp = self.hparams
