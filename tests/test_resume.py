@@ -199,7 +199,7 @@ def _train(config: Path, *args: str) -> None:
 
 def _kill_mid_epoch(config: Path) -> dict:
     """Start a slowed-down run, SIGKILL it as soon as it wrote a step checkpoint; the checkpoint it left."""
-    p = _start(config, slow=0.5)
+    p = _start(config, slow=1.0)  # 3 s between the first step checkpoint (step 2) and the epoch end (step 5)
     step_last = config.parent / "checkpoints" / "steps" / "last.ckpt"
     deadline = time.monotonic() + 600
     while not step_last.is_file() and p.poll() is None and time.monotonic() < deadline:
