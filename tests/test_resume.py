@@ -21,7 +21,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from explainer.data import VOCDataModule, synthetic
 from explainer.data.base import EpochSeededSampler
-from explainer.modules import ExplainerModule
+from explainer.modules import ClassifierModule, ExplainerModule
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, N_TRAIN = 4, 20
@@ -60,9 +60,14 @@ def _module(clf):
     return ExplainerModule(explanandum=str(clf), **MODEL)
 
 
-def _fit(tmp, assets, workers=1, ckpt_path=None, callbacks=(), epochs=2):
+def _classifier(clf):
+    pl.seed_everything(0)
+    return ClassifierModule(arch="explainer_resnet_tiny", num_classes=8, model_kwargs={"drop_rate": 0.3})
+
+
+def _fit(tmp, assets, workers=1, ckpt_path=None, callbacks=(), epochs=2, module=_module):
     data, clf = assets
-    model = _module(clf)
+    model = module(clf)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp,
                          callbacks=list(callbacks), enable_checkpointing=bool(callbacks))
@@ -118,6 +123,15 @@ def test_resume_twice_in_one_epoch(assets, every_step, tmp_path):
     _fit(tmp_path / "c", assets, ckpt_path=str(ck / "step=6.ckpt"), callbacks=_every_step(tmp_path / "ck2"))
     got, loss = _fit(tmp_path / "d", assets, ckpt_path=str(tmp_path / "ck2" / "step=8.ckpt"))
     _assert_same(ref, got, "resumed twice in epoch 1")
+    assert abs(loss - ref_loss) <= TOL
+
+
+@pytest.mark.slow
+def test_classifier_resumes_mid_epoch(assets, tmp_path):
+    """The classifier module (another base class, dropout before its head, a one-cycle schedule) resumes too."""
+    ref, ref_loss = _fit(tmp_path / "full", assets, module=_classifier, callbacks=_every_step(tmp_path / "ck"))
+    got, loss = _fit(tmp_path / "b", assets, module=_classifier, ckpt_path=str(tmp_path / "ck" / "step=7.ckpt"))
+    _assert_same(ref, got, "classifier resumed at step 7")
     assert abs(loss - ref_loss) <= TOL
 
 

@@ -267,8 +267,8 @@ class ImageDataModule(pl.LightningDataModule):
             # stateful (see explainer.resume): a run killed mid-epoch resumes at the batch it stopped at
             sampler = EpochSeededSampler(len(ds), self.seed, True, replicas, rank)
             return ResumableLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                              persistent_workers=self.num_workers > 0,
-                              drop_last=len(ds) // replicas > self.batch_size)
+                                   persistent_workers=self.num_workers > 0,
+                                   drop_last=len(ds) // replicas > self.batch_size)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 

@@ -91,7 +91,7 @@ class ClassifierModule(pl.LightningModule):
         self.val_metric.reset()
 
     def configure_callbacks(self):
-        return [ExactResume()]  # randomness of a step from the step alone: exact resumption
+        return [ExactResume()]  # exact resumption: per-step seeding, loader position (explainer.resume)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -182,7 +182,7 @@ class AmortizedExplainerModule(pl.LightningModule):
         return out["loss"]
 
     def configure_callbacks(self):
-        return [ExactResume()]  # dropout and any other draw of a step from the step alone: exact resumption
+        return [ExactResume()]  # exact resumption: per-step seeding, loader position (explainer.resume)
 
     def configure_optimizers(self):
         hp = self.hparams
