@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
 
+from explainer.data.resume import ExactResume
 from explainer.explanandum import FORMAT, build_timm, load_explanandum
 
 
@@ -86,6 +87,9 @@ class ClassifierModule(pl.LightningModule):
         name = "val/map" if self.hparams.multilabel else "val/acc"
         self.log(name, self.val_metric.compute(), prog_bar=True, sync_dist=True)
         self.val_metric.reset()
+
+    def configure_callbacks(self):
+        return [ExactResume()]  # exact resumption: per-step seeding, loader position (explainer.data.resume)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

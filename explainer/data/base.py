@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from explainer.core.constants import VOID
+from explainer.data.resume import ResumableLoader
 
 ALPHA_BACKGROUND = (255, 255, 255)  # what transparent pixels show: white, as image viewers and browsers do
 
@@ -196,7 +197,13 @@ class EpochSeededSampler(DistributedSampler):
     seeded too. Rank ``r`` of ``R`` takes positions ``r, r + R, ...`` of the
     epoch's permutation, so with per-rank batch ``B / R`` the ranks' batches
     together are exactly the single-process batch of size ``B``. Lightning
-    calls ``set_epoch`` at each epoch start.
+    calls ``set_epoch`` at each epoch start; the epoch is read when iteration
+    starts.
+
+    Stateful: ``state_dict()`` is (epoch, samples handed out so far), the
+    same on every rank; after ``load_state_dict`` the next iteration skips
+    those samples if it is the same epoch, and starts afresh otherwise (the
+    saved epoch had ended).
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
@@ -205,6 +212,8 @@ class EpochSeededSampler(DistributedSampler):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
+        self._position = {"epoch": 0, "yielded": 0}  # of the current iteration
+        self._resume: dict | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -212,13 +221,31 @@ class EpochSeededSampler(DistributedSampler):
     def __len__(self) -> int:
         return -(-self.n // self.num_replicas)
 
+    def state_dict(self) -> dict:
+        return {**self._position, "n": self.n, "num_replicas": self.num_replicas}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or not {"epoch", "yielded"} <= set(state_dict):
+            raise ValueError(f"state_dict: expected a dict with 'epoch' and 'yielded' (EpochSeededSampler.state_dict), "
+                             f"got {state_dict!r}")
+        self._resume = dict(state_dict)
+
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        epoch, start, resume, self._resume = self.epoch, 0, self._resume, None
+        if resume is not None and resume["epoch"] == epoch:
+            for key in ("n", "num_replicas"):
+                if resume.get(key, getattr(self, key)) != getattr(self, key):
+                    raise ValueError(f"{key}: the run resumed mid-epoch {epoch} with {key}={getattr(self, key)}, "
+                                     f"its checkpoint was written with {key}={resume[key]}")
+            start = int(resume["yielded"])
+        self._position = {"epoch": epoch, "yielded": start}
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
         order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
         total = len(self) * self.num_replicas
         order += order[: total - self.n]  # pad so every rank has as many
         seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g).tolist()
-        for i in order[self.rank:total:self.num_replicas]:
+        for i in order[self.rank:total:self.num_replicas][start:]:
+            self._position["yielded"] += 1
             yield (i, seeds[i])
 
 
@@ -336,10 +363,11 @@ class ImageDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         if shuffle:
+            # stateful (see explainer.data.resume): a run killed mid-epoch resumes at the batch it stopped at
             sampler = EpochSeededSampler(len(ds), self.seed, True, replicas, rank)
-            return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                              persistent_workers=self.num_workers > 0,
-                              drop_last=len(ds) // replicas > self.batch_size)
+            return ResumableLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0,
+                                   drop_last=len(ds) // replicas > self.batch_size)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 

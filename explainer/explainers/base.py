@@ -26,6 +26,7 @@ from explainer.core.images import check_images
 from explainer.core.masking import apply_mask, check_baseline
 from explainer.core.registry import Registry
 from explainer.core.targets import check_targets
+from explainer.data.resume import ExactResume
 from explainer.explanandum import Explanandum, load_explanandum
 
 CHECKPOINT_FORMAT = "explainer.checkpoint/1"
@@ -230,6 +231,9 @@ class TrainedExplainer(pl.LightningModule):
     def on_fit_end(self) -> None:
         if self.channels_last:
             self.explanandum.model.to(memory_format=torch.contiguous_format)
+
+    def configure_callbacks(self):
+        return [ExactResume()]  # exact resumption: per-step seeding, loader position (explainer.data.resume)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

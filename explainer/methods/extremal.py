@@ -10,7 +10,7 @@ where ``r_a`` is ``(1 - a) n`` zeros followed by ``a n`` ones (the area as a *ra
 * ``perturb``: a blur pyramid of ``num_levels`` levels with sigma from ``max_blur`` down to 0; a mask value
   selects a level and interpolates linearly between the two nearest (m = 1 the image, m = 0 the most
   blurred) -- :class:`Perturbation`. Each interpolation is the project's masking rule
-  (:func:`explainer.masking.apply_mask`) between two adjacent levels.
+  (:func:`explainer.core.masking.apply_mask`) between two adjacent levels.
 * smooth masks: parameters on a coarse grid (``step`` pixels apart) expanded by a smooth-max of flat-top
   Gaussian bumps of width ``sigma`` -- :class:`SmoothMask`.
 * variants: ``preserve`` (reward of the image kept by ``m``), ``delete`` (minus the reward of the image
@@ -238,7 +238,7 @@ def extremal_perturbation(f: nn.Module, x: torch.Tensor, target: TargetLike = No
         max_iter, lr, momentum, lambda0, lambda_growth: the optimisation (paper: 800, 0.01, 0.9, 300, 1.0035).
         step, sigma, max_blur: mask grid step, bump width and largest blur in pixels (default: scaled
             from 7, 21, 20 at 224 px); num_levels: blur pyramid levels (8).
-        baseline: ``"blur"`` (the pyramid) or a fill of :mod:`explainer.masking` (``"mean"``, ``"black"``).
+        baseline: ``"blur"`` (the pyramid) or a fill of :mod:`explainer.core.masking` (``"mean"``, ``"black"``).
         jitter: flip the perturbed batch horizontally on every other iteration.
         init: initial parameter value in [0, 1] (TorchRay: 1, the whole image kept), or a warm start
             (B, K, gh, gw) on the coarse grid (``SmoothMask(...).grid``).

@@ -69,7 +69,7 @@ class IntegratedGradients(Method):
     Args:
         steps: number of path points (Captum ``n_steps``), default 50.
         baseline: the reference image ``b``: ``"black"`` (default, Captum's zeros), ``"mean"`` or ``"blur"``
-            (see :mod:`explainer.masking`).
+            (see :mod:`explainer.core.masking`).
         method: Captum's quadrature, ``"gausslegendre"`` (default) or ``"riemann_left"``, ``"riemann_right"``,
             ``"riemann_middle"``, ``"riemann_trapezoid"``.
         aggregate: ``"sum"`` (default), ``"abs"`` or ``"max"``.

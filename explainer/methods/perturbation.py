@@ -1,6 +1,6 @@
 """Black-box perturbation baselines: RISE (written here, Captum has none) and Occlusion (Captum).
 
-Both fill removed pixels with a baseline image through :func:`explainer.masking.apply_mask`.
+Both fill removed pixels with a baseline image through :func:`explainer.core.masking.apply_mask`.
 """
 
 from __future__ import annotations
