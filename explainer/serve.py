@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import cv2
 import litserve as ls
 import numpy as np
 import onnxruntime as ort
@@ -57,6 +58,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -428,9 +430,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tor
 
 def to_float_rgb(img: Image.Image) -> torch.Tensor:
     """A decoded PIL image -> float RGB (3, H, W) in [0, 1] (16-bit grey scaled, alpha over white)."""
+    # numpy, not torch: one small image is faster without torch's intra-op threads
     if img.mode in ("I;16", "I;16L", "I;16B", "I"):
-        a = np.clip(np.array(img, dtype=np.float32) / 65535.0, 0.0, 1.0)
-        return torch.from_numpy(a)[None].expand(3, -1, -1).contiguous()
+        a = np.clip(np.asarray(img, dtype=np.float32) / np.float32(65535.0), 0.0, 1.0)
+        return torch.from_numpy(np.repeat(a[None], 3, axis=0))
     if img.mode == "F":
         raise RequestError(415, "image: floating-point pixels are not supported; expected 8-bit or 16-bit images")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
@@ -438,7 +441,8 @@ def to_float_rgb(img: Image.Image) -> torch.Tensor:
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     if img.mode != "RGB":
         img = img.convert("RGB")
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(255)
+    a = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def to_input_size(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -469,15 +473,20 @@ def select_classes(probabilities: np.ndarray, classes: Sequence[int] | None, top
 
 def encode_mask(mask: np.ndarray, fmt: str = "png", png_compress_level: int = 1) -> str:
     """Base64 of a (H, W) mask in [0, 1]: a PNG (uint8, round(255 m)) or a .npy (float16)."""
-    buf = io.BytesIO()
     if fmt == "png":
         q = np.rint(np.clip(mask, 0.0, 1.0) * 255.0).astype(np.uint8)
-        Image.fromarray(q).save(buf, format="PNG", compress_level=png_compress_level)
-    elif fmt == "npy":
+        # OpenCV's encoder with one filter (up) and run-length zlib: half the time of PIL's, smaller files
+        ok, data = cv2.imencode(".png", q, [cv2.IMWRITE_PNG_COMPRESSION, png_compress_level,
+                                            cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
+                                            cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
+        if not ok:
+            raise RuntimeError("PNG encoding of a mask failed")
+        return base64.b64encode(data).decode("ascii")
+    if fmt == "npy":
+        buf = io.BytesIO()
         np.save(buf, np.asarray(mask, dtype=np.float16), allow_pickle=False)
-    else:
-        raise ValueError(f"fmt: expected one of {list(MASK_FORMATS)}, got {fmt!r}")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+    raise ValueError(f"fmt: expected one of {list(MASK_FORMATS)}, got {fmt!r}")
 
 
 def decode_mask(text: str) -> np.ndarray:
@@ -583,6 +592,8 @@ class ExplanationAPI(ls.LitAPI):
         if self.backend == "torch":
             self.module = load(self.checkpoint, explanandum=self.explanandum_spec, map_location=self.torch_device)
             self.f = self.module.explanandum
+            # the classifier runs faster channels-last on CPU (probabilities equal within 1e-5)
+            self.f.model.to(memory_format=torch.channels_last)
             return
         opts = ort.SessionOptions()
         if self.threads:
@@ -611,7 +622,8 @@ class ExplanationAPI(ls.LitAPI):
         if self.backend == "torch":
             masks = self.module.explain(x)
             with torch.inference_mode():
-                probs = self.f.probabilities(self.f(x.to(self.torch_device))).float().cpu()
+                xc = x.to(self.torch_device).contiguous(memory_format=torch.channels_last)
+                probs = self.f.probabilities(self.f(xc)).float().cpu()
             return masks.cpu(), probs
         feed = {"images": x.numpy()}
         return tuple(torch.from_numpy(s.run(None, feed)[0]) for s in self.sessions)
@@ -639,7 +651,8 @@ class ExplanationAPI(ls.LitAPI):
     def encode_response(self, output, **kwargs):
         if isinstance(output, Rejected):
             return JSONResponse({"detail": output.message}, status_code=output.status)
-        return build_response(output, self.class_names, self.png_compress_level)
+        # serialised here: the API server passes the bytes on instead of re-encoding a dict
+        return JSONResponse(build_response(output, self.class_names, self.png_compress_level))
 
 
 # ------------------------------------------------------------------- the server --
@@ -648,7 +661,7 @@ def build_server(checkpoint: str | os.PathLike, max_batch_size: int = 32, batch_
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, input_size: int | None = None,
                  explanandum: str | None = None, timeout: float = 30.0, threads: int | None = None,
-                 png_compress_level: int = 1) -> ls.LitServer:
+                 png_compress_level: int = 1, gzip: bool = False, fast_queue: bool = False) -> ls.LitServer:
     """A LitServer for an explainer checkpoint (loaded here once to fail early and describe it in /info)."""
     for name, value, lo in (("max_batch_size", max_batch_size, 1), ("workers_per_device", workers_per_device, 1),
                             ("max_image_pixels", max_image_pixels, 1), ("max_request_bytes", max_request_bytes, 1)):
@@ -656,6 +669,8 @@ def build_server(checkpoint: str | os.PathLike, max_batch_size: int = 32, batch_
             raise ValueError(f"{name}: expected an integer >= {lo}, got {value!r}")
     if batch_timeout < 0:
         raise ValueError(f"batch_timeout: expected seconds >= 0, got {batch_timeout!r}")
+    if threads is None and accelerator in ("auto", "cpu") and not torch.cuda.is_available():
+        threads = max(1, (os.cpu_count() or 1) // workers_per_device)  # the workers share the cores
     module = load(checkpoint, explanandum=explanandum)
     size = int(input_size or getattr(module, "input_size", None) or 128)
     f = module.explanandum
@@ -663,21 +678,23 @@ def build_server(checkpoint: str | os.PathLike, max_batch_size: int = 32, batch_
             "explanandum_fingerprint": module.explanandum_fingerprint, "explanandum": f.spec,
             "kind": getattr(module, "kind", type(module).__name__), "version": explainer.__version__,
             "backend": backend, "max_batch_size": max_batch_size, "batch_timeout": batch_timeout,
-            "max_image_pixels": max_image_pixels, "max_request_bytes": max_request_bytes,
-            "mask_formats": list(MASK_FORMATS)}
+            "workers_per_device": workers_per_device, "threads": threads, "max_image_pixels": max_image_pixels,
+            "max_request_bytes": max_request_bytes, "mask_formats": list(MASK_FORMATS)}
     graphs = onnx_graphs(module, size) if backend == "onnx" else None
     del module
     api = ExplanationAPI(str(checkpoint), info, backend=backend, graphs=graphs, explanandum=explanandum,
                          max_image_pixels=max_image_pixels, png_compress_level=png_compress_level, threads=threads,
                          max_batch_size=max_batch_size, batch_timeout=batch_timeout)
     server = ls.LitServer(api, accelerator=accelerator, workers_per_device=workers_per_device, timeout=timeout,
-                          info_path="/server-info",
+                          info_path="/server-info", fast_queue=fast_queue,
                           middlewares=[(BodyGuard, {"path": api.api_path, "max_bytes": max_request_bytes})])
 
     async def info_endpoint() -> dict:
         return {**api.info, "batches": batch_stats(api.batch_counts[:])}
 
     server.app.add_api_route("/info", info_endpoint, methods=["GET"])
+    if not gzip:  # LitServe gzips answers by default: CPU for little gain, PNG masks are compressed already
+        server.app.user_middleware = [m for m in server.app.user_middleware if m.cls is not GZipMiddleware]
     return server
 
 
@@ -710,8 +727,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-size", type=int, default=None, help="resolution fed to the explainer (default: trained)")
     p.add_argument("--explanandum", type=str, default=None, help="override the classifier spec of the checkpoint")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its answer")
-    p.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads per worker")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch / ONNX Runtime threads per worker (default on CPU: cores / workers)")
     p.add_argument("--png-compress-level", type=int, default=1, help="zlib level of PNG masks, 0..9")
+    p.add_argument("--fast-queue", type=bool, default=False, help="answers go back over ZeroMQ (LitServe)")
+    p.add_argument("--gzip", type=bool, default=False, help="gzip answers when clients accept it")
     p.add_argument("--num-api-servers", type=int, default=None, help="HTTP processes (default: one per worker)")
     p.add_argument("--log-level", type=str, default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", type=bool, default=False, help="log every request")
@@ -720,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
                           backend=a.backend, workers_per_device=a.workers_per_device, accelerator=a.accelerator,
                           max_image_pixels=a.max_image_pixels, max_request_bytes=a.max_request_bytes,
                           input_size=a.input_size, explanandum=a.explanandum, timeout=a.timeout, threads=a.threads,
-                          png_compress_level=a.png_compress_level)
+                          png_compress_level=a.png_compress_level, gzip=a.gzip,
+                          fast_queue=a.fast_queue)
     signal.signal(signal.SIGTERM, _interrupt_main(os.getpid()))  # SIGTERM shuts down the workers too, as Ctrl+C does
     server.run(host=a.host, port=a.port, num_api_servers=a.num_api_servers, log_level=a.log_level,
                generate_client_file=False, access_log=a.access_log)
