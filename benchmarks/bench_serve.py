@@ -23,6 +23,46 @@ request against aiohttp's 0.3 ms: with it the served throughput drops by a
 third.) Images are 128 px JPEGs of the synthetic test split (the explainer's
 input size). The ratio of goal (issue 13) is the served throughput at 64
 clients, batching on, over in-process batched ``explain()``.
+
+Measured (2-core CPU shared with other jobs, under the lock; torch 2.14.1, ONNX Runtime 1.31.1,
+LitServe 0.2.19; ``flock /tmp/heavy.lock python benchmarks/bench_serve.py``, 1 min 40 s):
+in-process batches of 32: ``explain()`` 563 images/s, ``explain()`` + probabilities 290 (467 and
+238 when measured again after the servers; the faster is used below). Largest served batch 32.
+
+    | server                       | batching | request          | clients | req/s | p50 | p99 | /explain | /+probs |
+    | onnx, 2 workers x 1 thread   | on (32)  | all classes, png |  1 |  60.3 |  17.9 |  21.1 | 0.11 | 0.21 |
+    | onnx, 2 workers x 1 thread   | on (32)  | all classes, png |  8 | 190.1 |  40.4 |  66.5 | 0.34 | 0.66 |
+    | onnx, 2 workers x 1 thread   | on (32)  | all classes, png | 64 | 247.0 | 258.7 | 431.9 | 0.44 | 0.85 |
+    | onnx, 2 workers x 1 thread   | on (32)  | top_k 1, png     | 64 | 324.6 | 198.0 | 281.9 | 0.58 | 1.12 |
+    | onnx, 2 workers x 1 thread   | on (32)  | all classes, npy | 64 | 234.3 | 274.1 | 438.6 | 0.42 | 0.81 |
+    | onnx, 2 workers x 1 thread   | off (1)  | all classes, png |  1 | 108.5 |   9.1 |  10.8 | 0.19 | 0.37 |
+    | onnx, 2 workers x 1 thread   | off (1)  | all classes, png |  8 | 218.4 |  36.1 |  44.9 | 0.39 | 0.75 |
+    | onnx, 2 workers x 1 thread   | off (1)  | all classes, png | 64 | 235.9 | 266.3 | 285.3 | 0.42 | 0.81 |
+    | torch, 1 worker x 2 threads  | on (32)  | all classes, png | 64 | 163.6 | 377.8 | 439.2 | 0.29 | 0.56 |
+    | torch, 1 worker x 2 threads  | on (32)  | top_k 1, png     | 64 | 210.4 | 296.0 | 341.3 | 0.37 | 0.73 |
+    | torch, 2 workers x 1 thread  | on (32)  | all classes, png | 64 | 199.5 | 338.0 | 491.6 | 0.35 | 0.69 |
+    | torch, 2 workers x 1 thread  | on (32)  | top_k 1, png     | 64 | 215.0 | 301.9 | 384.1 | 0.38 | 0.74 |
+
+Goal (served at 64 clients >= 0.5 x in-process ``explain()``): met for top_k 1 answers (0.58),
+missed for the default all-class PNG answer (0.44; 0.53 against the second in-process figure).
+Where a request's CPU goes (ONNX, 2 workers, all classes, from /proc): workers 6.1 ms (decoding
+0.4, ONNX Runtime masks + probabilities 3.8, eight PNG masks 1.2, LitServe queues), API servers
+0.8, LitServe's queue manager 0.3, the client 0.3: about 7.5 ms of CPU, so at most ~265 requests/s
+on two cores, while 0.5 x explain() asks for 282. Every answer also carries the classifier's
+probabilities, which explain() does not compute (against explain() + probabilities: 0.85).
+Batching barely helps on this CPU (247 against 236 req/s at 64 clients: ONNX Runtime is nearly
+as fast per image at batch 1) and costs latency at one client (the 10 ms batch timeout).
+
+Levers tried (64 clients, all classes, PNG; before/after, req/s, same-session comparisons):
+aiohttp instead of httpx as the load generator (client CPU 3.3 -> 0.3 ms/request; 96 -> 142);
+the image converted with numpy, not torch (decoding 3 -> 0.35 ms/request under load); gzip
+(LitServe's default) off; the classifier channels-last (probabilities 1.4x faster); answers
+serialised in the worker and OpenCV's PNG encoder (up filter, RLE: 0.24 -> 0.11 ms per mask)
+together 190 -> 250; 2 workers x 1 thread instead of 1 x 2 (torch 139 -> 170-200; 3 workers or
+2 x 2 threads are slower); ONNX Runtime (in-process 767 against 465 masks/s at 2 threads).
+No effect: --batch-timeout 0.002 or 0.05, --max-batch-size 16, OMP_WAIT_POLICY=PASSIVE,
+--fast-queue (ZeroMQ answers), one API server instead of two. .npy masks are slower than PNG
+(350 KB answers against 37 KB).
 """
 
 from __future__ import annotations
