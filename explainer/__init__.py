@@ -17,8 +17,9 @@ _os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from explainer import core, data, explainers, methods, metrics, nets  # noqa: E402,F401,I001
 from explainer.explainers import load  # noqa: E402
+from explainer.core.constants import VERSION  # noqa: E402
 from explainer.explanandum import Explanandum, load_explanandum, save_explanandum  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = VERSION
 __all__ = ["Explanandum", "load_explanandum", "save_explanandum", "load", "core", "data", "nets", "methods",
            "metrics", "explainers"]

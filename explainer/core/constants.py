@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+#: the package version (explainer.__version__)
+VERSION = "0.1.0"
+
 #: label of pixels whose class is unknown (VOC's boundary band, images without segmentation); ignored by metrics
 VOID = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
