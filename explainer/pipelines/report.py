@@ -24,17 +24,20 @@ def student_rows(res: dict, pairs: list[tuple[str, str]], tolerance: float = 0.0
     """
     methods, c = res["methods"], len(res.get("class_names") or []) or None
     lines = ["| teacher | student | " + " | ".join(f"Δ {m}" for m in STUDENT_METRICS)
-             + " | within 0.02 | student / teacher time, all classes |", "|---|---|" + "---:|" * len(STUDENT_METRICS)
-             + "---|---:|"]
+             + f" | within {tolerance} | not worse by more than {tolerance} | student / teacher time, all classes |",
+             "|---|---|" + "---:|" * len(STUDENT_METRICS) + "---|---|---:|"]
     for teacher, student in pairs:
         if teacher not in methods or student not in methods:
             continue
         mt, ms = methods[teacher], methods[student]
         diffs = [ms["metrics"].get(m, float("nan")) - mt["metrics"].get(m, float("nan")) for m in STUDENT_METRICS]
         ok = all(abs(d) <= tolerance for d in diffs)
+        # how much worse the student is on each metric (deletion: lower is better)
+        worse = [diffs[0], -diffs[1], -diffs[2]]
+        not_worse = all(w <= tolerance for w in worse)
         ratio = ms["seconds_per_map"] / (c * mt["seconds_per_map"]) if c else float("nan")
         lines.append(f"| {teacher} | {student} | " + " | ".join(f"{d:+.3f}" for d in diffs)
-                     + f" | {'yes' if ok else 'no'} | 1/{1 / ratio:.0f} |")
+                     + f" | {'yes' if ok else 'no'} | {'yes' if not_worse else 'no'} | 1/{1 / ratio:.0f} |")
     return lines
 
 
@@ -53,11 +56,11 @@ def render(results: list[tuple[str, dict]], title: str, preamble: str = "",
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m explainer report", description=__doc__)
-    p.add_argument("--results", type=list[str], required=True, help="RESULTS.json=COMMAND pairs")
+    p.add_argument("--results", nargs="+", type=str, required=True, help="RESULTS.json=COMMAND pairs")
     p.add_argument("--out", default="docs/RESULTS.md")
     p.add_argument("--title", default="Results on the embedded benchmark")
     p.add_argument("--preamble", default="", help="a markdown file put under the title")
-    p.add_argument("--pairs", type=list[str], default=[], help="TEACHER=STUDENT method names to set side by side")
+    p.add_argument("--pairs", nargs="*", type=str, default=[], help="TEACHER=STUDENT method names side by side")
     a = parse(p, argv)
     items = []
     for pair in a.results:
