@@ -82,23 +82,31 @@ def test_joint_augment_moves_maps_with_images():
 def test_student_learns_the_teacher_and_round_trips(setup, tiny_voc, tmp_path):
     d, clf = setup
     pl.seed_everything(0)
-    model = student(clf, d, lambda_curve=0.5, curve_areas=(0.1, 0.3))
+    model = student(clf, d)
     dm = VOCDataModule(root=str(tiny_voc), image_size=64, batch_size=8, num_workers=0, augment=False)
     dm.setup("fit")
     batch = next(iter(torch.utils.data.DataLoader(dm.dataset("train", train_transform=False), batch_size=24)))
 
     def distance():
+        """Mean absolute difference of the student's masks to the teacher's maps (BCE to soft targets has
+        their entropy as its floor, so it is not the measure)."""
         model.eval()
         with torch.no_grad():
-            return float(model.compute_losses(batch)["map"])
+            masks = model.class_masks(batch["image"])
+            teach = model.teacher_maps(batch)
+            return float(torch.cat([(masks[i, c] - m).abs().flatten() for i, (c, m) in enumerate(teach)]).mean())
 
     before = distance()
-    tr = pl.Trainer(max_epochs=12, accelerator="cpu", logger=False, enable_progress_bar=False,
+    with_curve = student(clf, d, lambda_curve=0.5, curve_areas=(0.1, 0.3))
+    with_curve.train()
+    out = with_curve.compute_losses(batch)
+    assert out["curve"] > 0 and torch.isclose(out["loss"], out["map"] + out["absent"] + 0.5 * out["curve"])
+    tr = pl.Trainer(max_epochs=30, accelerator="cpu", logger=False, enable_progress_bar=False,
                     default_root_dir=tmp_path, log_every_n_steps=1,
                     callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)])
     tr.fit(model, dm)
     after = distance()
-    assert after < 0.85 * before, (before, after)
+    assert after < 0.8 * before, (before, after)
     # the same module back from the checkpoint, an export and the methods interface
     x = batch["image"][:3]
     ref = model.eval().explain(x)
