@@ -99,6 +99,13 @@ class TrainedExplainer(pl.LightningModule):
         # (spec + fingerprint) instead
         self.strict_loading = False
 
+    def save_settings(self) -> None:
+        """``save_hyperparameters`` of the calling ``__init__`` (a kind's), with the explanandum recorded as its
+        spec and its weights fingerprint (never the module itself)."""
+        self.save_hyperparameters(ignore=["explanandum"], frame=inspect.currentframe().f_back)
+        self.hparams.explanandum = self.explanandum.spec
+        self.hparams.explanandum_fingerprint = self.explanandum_fingerprint
+
     @property
     def num_classes(self) -> int:
         return self.explanandum.num_classes

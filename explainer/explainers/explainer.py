@@ -82,9 +82,7 @@ class ExplainerModule(TrainedExplainer):
         super().__init__(explanandum, explanandum_fingerprint, baseline=baseline, lr=lr, weight_decay=weight_decay,
                          optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                          channels_last=channels_last)
-        self.save_hyperparameters(ignore=["explanandum"])
-        self.hparams.explanandum = self.explanandum.spec
-        self.hparams.explanandum_fingerprint = self.explanandum_fingerprint
+        self.save_settings()
         init = self.explanandum.model if init_encoder_from_explanandum and not self.restoring else None
         self.net = build_mask_net(architecture, encoder, self.num_classes, encoder_weights, decoder_kwargs, init,
                                   channels_last)

@@ -161,10 +161,8 @@ class LTXModule(TrainedExplainer):
         finetuning = check_finetuning(finetuning)
         super().__init__(explanandum, explanandum_fingerprint, baseline=baseline, lr=lr, weight_decay=weight_decay,
                          optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps)
-        self.save_hyperparameters(ignore=["explanandum"])
+        self.save_settings()
         self.hparams.finetuning = finetuning
-        self.hparams.explanandum = self.explanandum.spec
-        self.hparams.explanandum_fingerprint = self.explanandum_fingerprint
         k = 1 if class_agnostic else self.num_classes
         fresh = not self.restoring
         if network == "backbone":
