@@ -222,14 +222,14 @@ def _kill_mid_epoch(config: Path) -> dict:
     os.killpg(p.pid, signal.SIGKILL)
     assert p.wait(timeout=60) == -signal.SIGKILL, (config.parent / "train.log").read_text()[-3000:]
     lasts = [f for f in (config.parent / "checkpoints").rglob("last.ckpt")]
-    ck = torch.load(max(lasts, key=lambda f: f.stat().st_mtime), map_location="cpu", weights_only=False)
+    ck = torch.load(max(lasts, key=lambda f: f.stat().st_mtime), map_location="cpu", weights_only=True)
     assert 0 < ck["global_step"] < EPOCHS * BATCHES and ck["global_step"] % BATCHES, ck["global_step"]  # mid-epoch
     return ck
 
 
 def _final(run: Path) -> tuple[dict, float]:
     """The finished run's weights (its last epoch-end checkpoint) and its last logged val/loss."""
-    ck = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ck = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ck["epoch"] == EPOCHS - 1 and ck["global_step"] == EPOCHS * BATCHES, (ck["epoch"], ck["global_step"])
     logs = sorted((run / "logs").glob("version_*/metrics.csv"), key=lambda f: int(f.parent.name.split("_")[1]))
     rows = [r for r in csv.DictReader(logs[-1].open()) if r.get("val/loss")]

@@ -59,15 +59,16 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"image: {str(path)!r} is not a readable image (corrupt or truncated): {err}") from err
 
 
-def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+def composite_alpha(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """``rgb`` (H, W, 3) uint8 over ALPHA_BACKGROUND with ``alpha`` (H, W) uint8, rounded to nearest."""
     a = alpha.astype(np.uint32)[..., None]
     bg = np.asarray(ALPHA_BACKGROUND, np.uint32)
     return ((rgb.astype(np.uint32) * a + bg * (255 - a) + 127) // 255).astype(np.uint8)
 
 
-def _white_level(im: Image.Image, path: Path) -> tuple[int, int]:
-    """(bits per sample, largest value) of a greyscale image Pillow holds in 16 or 32 bits."""
+def white_level(im: Image.Image, path: Path | str) -> tuple[int, int]:
+    """(bits per sample, largest value) of a greyscale image Pillow holds in 16 or 32 bits (``path`` names the
+    image in errors)."""
     tags = getattr(im, "tag_v2", {}) if im.format == "TIFF" else {}
     if 258 in tags:  # BitsPerSample, SampleFormat (2: signed integers)
         bits = int(tags[258][0] if isinstance(tags[258], tuple) else tags[258])
@@ -88,7 +89,7 @@ def _to_rgb8(im: Image.Image, path: Path) -> np.ndarray:
                                  f"[{v.min()}, {v.max()}]; expected values in [0, 1] (scaled by 255)")
             grey = np.floor(v.astype(np.float64) * 255 + 0.5)
         else:
-            bits, top = _white_level(im, path)
+            bits, top = white_level(im, path)
             if v.min() < 0 or v.max() > top:
                 raise ValueError(f"image: {str(path)!r} has {bits}-bit greyscale values in [{v.min()}, {v.max()}], "
                                  f"expected [0, {top}]")
@@ -96,11 +97,11 @@ def _to_rgb8(im: Image.Image, path: Path) -> np.ndarray:
         rgb = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
         key = im.info.get("transparency")
         if isinstance(key, int):  # a colour-key (tRNS) grey value
-            rgb = _composite(rgb, np.where(v == key, 0, 255).astype(np.uint8))
+            rgb = composite_alpha(rgb, np.where(v == key, 0, 255).astype(np.uint8))
         return rgb
     if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:
         rgba = np.asarray(im.convert("RGBA"))
-        return _composite(rgba[..., :3], rgba[..., 3])
+        return composite_alpha(rgba[..., :3], rgba[..., 3])
     try:
         return np.asarray(im.convert("RGB"))
     except ValueError as err:

@@ -262,8 +262,10 @@ def config_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse(config_parser(), argv).as_dict()
-    given = {k: v for k, v in a["trainer"].items() if v != config_parser().get_defaults()["trainer"].get(k)}
+    parser = config_parser()
+    a = parse(parser, argv).as_dict()
+    defaults = parser.get_defaults().as_dict()["trainer"]
+    given = {k: v for k, v in a["trainer"].items() if v != defaults.get(k)}
     data_spec = a["data"]
     explanandum = a["explanandum"]
     if explanandum is None and Path(data_spec).is_file():

@@ -62,6 +62,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from explainer.core.constants import VERSION
+from explainer.data.base import composite_alpha, white_level
 from explainer.explainers.export import export_onnx
 from explainer.explainers.loading import load
 
@@ -428,19 +429,29 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tor
 
 
 def to_float_rgb(img: Image.Image) -> torch.Tensor:
-    """A decoded PIL image -> float RGB (3, H, W) in [0, 1] (16-bit grey scaled, alpha over white)."""
+    """A decoded PIL image -> float RGB (3, H, W) in [0, 1], by the dataset readers' rules
+    (:func:`explainer.data.base.read_rgb`): high-bit greyscale scaled by its bit depth (kept in float here),
+    transparency composited on white."""
     # numpy, not torch: one small image is faster without torch's intra-op threads
     if img.mode in ("I;16", "I;16L", "I;16B", "I"):
-        a = np.clip(np.asarray(img, dtype=np.float32) / np.float32(65535.0), 0.0, 1.0)
+        v = np.asarray(img)
+        try:
+            bits, top = white_level(img, "image")
+        except ValueError as err:
+            raise RequestError(415, str(err)) from None
+        if v.min() < 0 or v.max() > top:
+            raise RequestError(422, f"image: {bits}-bit greyscale values in [{v.min()}, {v.max()}], expected "
+                                    f"[0, {top}]")
+        a = v.astype(np.float32) / np.float32(top)
         return torch.from_numpy(np.repeat(a[None], 3, axis=0))
     if img.mode == "F":
         raise RequestError(415, "image: floating-point pixels are not supported; expected 8-bit or 16-bit images")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    a = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    if "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"))
+        rgb = composite_alpha(rgba[..., :3], rgba[..., 3])
+    else:
+        rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    a = rgb.astype(np.float32).transpose(2, 0, 1) / np.float32(255.0)
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
