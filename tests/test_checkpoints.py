@@ -19,7 +19,7 @@ EXPLAINERS = {"synthetic_explainer.safetensors": "explainer", "synthetic_ltx.saf
 def test_committed_explainers_load_with_their_weights(name):
     path = ROOT / name
     if name == "synthetic_faithful.safetensors" and not path.is_file():
-        pytest.fail("checkpoints/synthetic_faithful.safetensors is missing (configs/synthetic/distill_faithful.yaml)")
+        pytest.fail("checkpoints/synthetic_faithful.safetensors is missing (configs/synthetic/distill_ensemble.yaml)")
     e = explainer.load(path)
     assert e.kind == EXPLAINERS[name]
     stored = load_file(str(path))

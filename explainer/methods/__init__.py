@@ -8,14 +8,15 @@
 ``available()`` lists the names; ``register(name)`` adds a :class:`Method` subclass (or a factory
 ``(f, **options) -> Method``). Modules: :mod:`.cam` (gradcam, gradcam++), :mod:`.gradient` (saliency,
 integrated_gradients), :mod:`.perturbation` (rise, occlusion), :mod:`.extremal` (extremal_perturbation),
-:mod:`.inr_extremal` (inr_extremal_perturbation, :func:`multiple_masks`), :mod:`.dix`, :mod:`.iia`. The trained
+:mod:`.inr_extremal` (inr_extremal_perturbation, :func:`multiple_masks`), :mod:`.dix`, :mod:`.iia`,
+:mod:`.ensemble` (the weighted mean of other methods' normalised maps). The trained
 explainers register "explainer", "ltx" and "pltx" from :mod:`explainer.explainers.methods`.
 """
 
 from __future__ import annotations
 
 from explainer.core.targets import resolve_targets
-from explainer.methods import cam, dix, extremal, gradient, iia, inr_extremal, perturbation
+from explainer.methods import cam, dix, ensemble, extremal, gradient, iia, inr_extremal, perturbation
 from explainer.methods.base import (
     Method,
     available,
@@ -30,4 +31,4 @@ from explainer.methods.inr_extremal import multiple_masks
 
 __all__ = ["Method", "available", "get", "register", "resolve_targets", "find_layer", "default_layers",
            "forward_hooks", "extremal_perturbation", "achieved_area", "multiple_masks",
-           "cam", "dix", "extremal", "gradient", "iia", "inr_extremal", "perturbation"]
+           "cam", "dix", "ensemble", "extremal", "gradient", "iia", "inr_extremal", "perturbation"]
