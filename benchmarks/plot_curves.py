@@ -1,8 +1,8 @@
 """Deletion and insertion curves, mean over (image, class) pairs, as the papers plot them: one figure, four panels
 (deletion and insertion, under the mean fill and under blur).
 
-    python benchmarks/plot_curves.py --config configs/synthetic/results_distill.yaml --images 30 \
-        --methods faithful explainer gradcam dix rise ltx distill_ltx --out docs/img/distill_curves.png
+    python benchmarks/plot_curves.py --config configs/synthetic/results_faithful.yaml --images 30 \
+        --methods faithful ensemble explainer gradcam dix rise integrated_gradients --out docs/img/distill_curves.png
 
 The methods, data and explanandum come from an ``evaluate`` config; the images are the seeded test subset of
 ``--images`` (the first of the config's subset), one map per present class.
