@@ -69,7 +69,8 @@ class Ensemble(Method):
             if name == "ensemble":
                 raise ValueError(f"members.{label}: an ensemble cannot hold an ensemble")
             self.members.append((str(label), float(weight), get(str(name), self.f, **opts)))
-        if not sum(w for _, w, _ in self.members) > 0:
+        self.total_weight = sum(w for _, w, _ in self.members)
+        if not self.total_weight > 0:
             raise ValueError("members: every weight is 0; expected at least one positive weight")
 
     def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,7 @@ class Ensemble(Method):
             m = upsample(method.attribute(x, target).float(), x.shape[-2:])
             m = minmax_normalize(m, rel_eps=0) if self.normalize == "minmax" else rank_normalize(m)
             total = weight * m if total is None else total + weight * m
-        total = total / sum(w for _, w, _ in self.members)
+        total = total / self.total_weight
         if self.sharpen != 1.0:
             total = minmax_normalize(total, rel_eps=0).pow(self.sharpen)
         return total

@@ -223,11 +223,12 @@ def attribute(method: str, data: str | dict, split: str, out: str | Path, option
                     enable_checkpointing=False, enable_progress_bar=progress,
                     callbacks=[ShardWriter(out, shard_size, dtype)] + ([ImagesPerSecond()] if progress else []))
     loader = ShardLoader(ds, shard_size, done, int(getattr(dm, "num_workers", 0) or 0))
-    # ShardBatches returns every index of its shards; Lightning cannot know it and says so
-    warnings.filterwarnings("ignore", message="You are using a custom batch sampler")
     if len(done) < manifest["num_shards"]:
         t0 = time.perf_counter()
-        tr.predict(task, datamodule=loader, return_predictions=False)
+        with warnings.catch_warnings():
+            # ShardBatches returns every index of its shards; Lightning cannot know it and says so
+            warnings.filterwarnings("ignore", message="You are using a custom batch sampler")
+            tr.predict(task, datamodule=loader, return_predictions=False)
         if tr.is_global_zero:  # what this run cost (a resumed run: its own part only)
             todo = sum(min(n, (k + 1) * shard_size) - k * shard_size for k in range(manifest["num_shards"])
                        if k not in done)

@@ -32,8 +32,9 @@ def student_rows(res: dict, pairs: list[tuple[str, str]], tolerance: float = 0.0
         mt, ms = methods[teacher], methods[student]
         diffs = [ms["metrics"].get(m, float("nan")) - mt["metrics"].get(m, float("nan")) for m in STUDENT_METRICS]
         ok = all(abs(d) <= tolerance for d in diffs)
-        # how much worse the student is on each metric (deletion: lower is better)
-        worse = [diffs[0], -diffs[1], -diffs[2]]
+        # how much worse the student is on each metric, by the direction results.json records for it
+        specs = res.get("metric_specs", {})
+        worse = [d if specs.get(m, {}).get("direction") == "lower" else -d for m, d in zip(STUDENT_METRICS, diffs)]
         not_worse = all(w <= tolerance for w in worse)
         ratio = ms["seconds_per_map"] / (c * mt["seconds_per_map"]) if c else float("nan")
         lines.append(f"| {teacher} | {student} | " + " | ".join(f"{d:+.3f}" for d in diffs)

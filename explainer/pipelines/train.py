@@ -21,12 +21,13 @@ import explainer.explainers  # noqa: F401
 def train_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """LightningCLI over every LightningModule and datamodule of the project (chosen by class_path)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    # `args` are sys.argv's own arguments after the verb; sys.argv itself must stay as it is (DDP relaunches the
-    # command from it), so LightningCLI's warning about both being given says nothing here
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    return LightningCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
-                        subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args, run=run,
-                        auto_configure_optimizers=False)
+    with warnings.catch_warnings():
+        # `args` are sys.argv's own arguments after the verb; sys.argv itself must stay as it is (DDP relaunches
+        # the command from it), so LightningCLI's warning about both being given says nothing here
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return LightningCLI(pl.LightningModule, pl.LightningDataModule, subclass_mode_model=True,
+                            subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args, run=run,
+                            auto_configure_optimizers=False)
 
 
 def check_config(path: str | os.PathLike) -> None:
