@@ -206,17 +206,27 @@ MAP_LOSSES = ("bce", "kl", "rank")
 
 def map_distillation_loss(z: torch.Tensor, t: torch.Tensor, kind: str = "bce", temperature: float = 0.1,
                           pairs: int = 1024, margin: float = 0.05,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+                          generator: torch.Generator | None = None, top_weight: float = 0.0) -> torch.Tensor:
     """How far student mask logits ``z`` (P, H, W) are from teacher maps ``t`` (P, H, W) in [0, 1], mean over P.
 
-    * ``"bce"``: per-pixel binary cross-entropy of ``sigmoid(z)`` to ``t`` (the map's values themselves);
+    * ``"bce"``: per-pixel binary cross-entropy of ``sigmoid(z)`` to ``t`` (the map's values themselves); with
+      ``top_weight`` ``w`` > 0, pixel ``i`` weighs ``1 + w t_i`` (normalised to a mean of 1 per map): errors where
+      the teacher's map is high, the pixels deletion removes first, count more;
     * ``"kl"``: ``KL(softmax(t / temperature) || softmax(z))`` over the pixels of each map (where the mass is);
     * ``"rank"``: for ``pairs`` random pixel pairs (i, j) per map whose teacher values differ by more than
       ``margin``, ``softplus(-(z_i - z_j) sign(t_i - t_j))`` (only the order, what deletion and insertion
       read).
     """
+    if isinstance(top_weight, bool) or not isinstance(top_weight, (int, float)) or not top_weight >= 0:
+        raise ValueError(f"top_weight: expected a number >= 0, got {top_weight!r}")
+    if top_weight and kind != "bce":
+        raise ValueError(f"top_weight: only the 'bce' map loss weighs pixels, got map_loss {kind!r}")
     if kind == "bce":
-        return F.binary_cross_entropy_with_logits(z.float(), t.float())
+        if not top_weight:
+            return F.binary_cross_entropy_with_logits(z.float(), t.float())
+        w = 1 + top_weight * t.float()
+        w = w / w.flatten(1).mean(1).view(-1, *([1] * (w.dim() - 1)))
+        return F.binary_cross_entropy_with_logits(z.float(), t.float(), weight=w)
     zf, tf = z.flatten(1).float(), t.flatten(1).float()
     if kind == "kl":
         p = torch.softmax(tf / temperature, 1)

@@ -151,3 +151,75 @@ def test_errors(setup, tiny_voc):
         student(str(other), d).teacher_maps(batch)
     with pytest.raises(KeyError, match="no maps for image"):
         student(clf, d).teacher_maps(batch)  # the test split was never attributed
+
+
+def test_top_weighted_bce_equals_a_plain_loop():
+    torch.manual_seed(1)
+    z, t = torch.randn(3, 5, 6), torch.rand(3, 5, 6)
+    want = 0.0
+    for i in range(3):
+        w = 1 + 4.0 * t[i]
+        w = w / w.mean()
+        p = torch.sigmoid(z[i])
+        want += float((w * -(t[i] * torch.log(p) + (1 - t[i]) * torch.log(1 - p))).mean()) / 3
+    assert abs(float(losses.map_distillation_loss(z, t, "bce", top_weight=4.0)) - want) < 1e-5
+    plain = losses.map_distillation_loss(z, t, "bce")
+    assert not torch.isclose(losses.map_distillation_loss(z, t, "bce", top_weight=4.0), plain)
+    with pytest.raises(ValueError, match="top_weight"):
+        losses.map_distillation_loss(z, t, "kl", top_weight=1.0)
+    with pytest.raises(ValueError, match="top_weight"):
+        losses.map_distillation_loss(z, t, "bce", top_weight=-1)
+
+
+def test_explainer_term_is_the_explainers_own_loss_and_init_from_copies_a_network(setup, tiny_voc, tmp_path):
+    from helpers import tiny_explainer_kwargs
+
+    from explainer.explainers import ExplainerModule
+
+    d, clf = setup
+    torch.manual_seed(0)
+    weights = dict(lambda_ent=0.7, lambda_tv=2.0, lambda_area=1.5, lambda_mask=0.2, lambda_nontarget=0.4)
+    ex = ExplainerModule(**tiny_explainer_kwargs(clf, channels_last=False, **weights))
+    path = export_safetensors(ex, tmp_path / "ex.safetensors")
+    obj = dict(weights, area_min=0.01, area_max=0.1)
+    only = student(clf, d, lambda_map=0.0, lambda_absent=0.0, lambda_explainer=1.0, explainer_objective=obj,
+                   init_from=str(path))
+    for k, v in ex.net.state_dict().items():
+        assert torch.equal(only.net.state_dict()[k], v), k
+    dm = VOCDataModule(root=str(tiny_voc), image_size=64, num_workers=0, augment=False)
+    batch = next(iter(torch.utils.data.DataLoader(dm.dataset("train", train_transform=False), batch_size=6)))
+    ex.eval(), only.eval()
+    with torch.no_grad():
+        want = ex.compute_losses(batch)
+        got = only.compute_losses(batch)
+    assert torch.isclose(got["loss"], want["loss"], atol=1e-6) and got["loss"] > 0
+    for k in ("cls", "ent", "tv", "area", "mask", "nontarget"):
+        assert torch.isclose(got[f"explainer_{k}"], want[k], atol=1e-6), k
+    mixed = student(clf, d, lambda_explainer=0.5, explainer_objective=obj, init_from=str(path)).eval()
+    with torch.no_grad():
+        out = mixed.compute_losses(batch)
+    assert torch.isclose(out["loss"], out["map"] + out["absent"] + 0.5 * want["loss"], atol=1e-6)
+    # a student's checkpoint restores without the init_from file
+    exported = export_safetensors(mixed, tmp_path / "mixed.safetensors")
+    path.unlink()
+    x = batch["image"][:2]
+    assert torch.allclose(explainer.load(exported).explain(x), mixed.explain(x), atol=1e-6)
+
+
+def test_init_from_and_objective_errors(setup, tmp_path):
+    d, clf = setup
+    other_net = export_safetensors(student(clf, d, architecture="FPN", decoder_kwargs=None), tmp_path / "fpn.safetensors")
+    with pytest.raises(ValueError, match="another network"):
+        student(clf, d, init_from=str(other_net))
+    other_clf = tiny_classifier(tmp_path / "other.safetensors", seed=5)
+    foreign = export_safetensors(student(str(other_clf), d), tmp_path / "foreign.safetensors")
+    with pytest.raises(ValueError, match="another explanandum"):
+        student(clf, d, init_from=str(foreign))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        student(clf, d, init_from=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ValueError, match="unknown settings"):
+        student(clf, d, explainer_objective={"lambda_tvv": 1.0})
+    with pytest.raises(ValueError, match="lambda_explainer"):
+        student(clf, d, lambda_explainer=-0.5)
+    with pytest.raises(ValueError, match="map_top_weight"):
+        student(clf, d, map_loss="kl", map_top_weight=2.0)

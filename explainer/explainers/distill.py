@@ -4,7 +4,7 @@ The student is the Explainer's network (any smp architecture and encoder, ``C`` 
 pass). For each training image and each class ``c`` the teacher explained, with teacher map ``T_c`` (min-max
 normalised to [0, 1]) and student logits ``z_c``::
 
-    L = l_map D(z_c, T_c) + l_absent BCE(z_a, 0) [+ l_curve L_curve(z_c)]
+    L = l_map D(z_c, T_c) + l_absent BCE(z_a, 0) [+ l_curve L_curve(z_c)] [+ l_explainer L_explainer(z)]
 
 * ``D`` (``map_loss``, :func:`explainer.losses.map_distillation_loss`): per-pixel BCE to the map, KL between
   spatial softmax distributions, or a pairwise ranking loss;
@@ -13,7 +13,13 @@ normalised to [0, 1]) and student logits ``z_c``::
 * ``L_curve`` (``lambda_curve`` > 0): the faithfulness term of LTX's finetuning: the soft top ``a`` of the map
   for each area ``a`` of ``curve_areas`` must keep class ``c`` and the image without it must lose it
   (:func:`explainer.losses.soft_top_area`), masking with the explainer's baseline; for one explained class
-  per image and step (it costs two explanandum passes per area).
+  per image and step (it costs two explanandum passes per area);
+* ``L_explainer`` (``lambda_explainer`` > 0): the Explainer's own objective on all the maps
+  (:func:`explainer.explainers.explainer.explainer_objective`, its weights and area bounds in
+  ``explainer_objective``; two explanandum passes per image).
+
+``init_from`` starts the network from a trained explainer's (a ``.ckpt`` or a safetensors export of the same
+architecture): a student can be finetuned with other terms without training it again from the start.
 
 The teacher's maps come from a cache written by ``python -m explainer attribute`` (``teacher_cache``, one folder
 or several, e.g. the train and val splits; looked up by image id), or from a registered method run on each batch
@@ -24,6 +30,8 @@ repeats it: configure the datamodule with ``augment: false``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -31,7 +39,8 @@ from explainer import losses
 from explainer.core.maps import minmax_normalize, upsample
 from explainer.explainers.base import TrainedExplainer, register_kind
 from explainer.explainers.cache import MapCache
-from explainer.explainers.explainer import pick_present
+from explainer.explainers.explainer import check_explainer_objective, explainer_objective, pick_present
+from explainer.explainers.loading import read_meta
 from explainer.methods import base as method_registry
 from explainer.nets.segmentation import build_mask_net
 
@@ -67,9 +76,14 @@ class DistillModule(TrainedExplainer):
         teacher, teacher_options: a registered method run on every batch (the present classes).
         architecture, encoder, encoder_weights, decoder_kwargs, init_encoder_from_explanandum: the network, as
             the Explainer's.
-        map_loss: "bce", "kl" or "rank"; kl_temperature, rank_pairs, rank_margin: their settings.
-        lambda_map, lambda_absent, lambda_curve: weights of the terms; curve_areas, curve_temperature: the curve
-            term's soft top areas and temperature.
+        init_from: a trained explainer (``.ckpt`` or ``.safetensors``) whose network weights start this one's
+            (same architecture, encoder and classes); read when training starts from scratch, not on restoring.
+        map_loss: "bce", "kl" or "rank"; kl_temperature, rank_pairs, rank_margin: their settings;
+            map_top_weight: pixels weigh ``1 + w T`` in the BCE (errors on the teacher's top count more).
+        lambda_map, lambda_absent, lambda_curve, lambda_explainer: weights of the terms; curve_areas,
+            curve_temperature: the curve term's soft top areas and temperature; explainer_objective: the
+            Explainer objective's weights and area bounds (``lambda_ent``, ``lambda_tv``, ``lambda_area``,
+            ``lambda_mask``, ``lambda_nontarget``, ``area_min``, ``area_max``; the Explainer's defaults).
         baseline: masking baseline of the curve term ("mean", "black", "blur").
         augment, rotate: joint flips (and 90-degree rotations) of images and teacher maps.
         lr, weight_decay, optimizer, lr_schedule, warmup_steps, channels_last: see TrainedExplainer.
@@ -82,28 +96,50 @@ class DistillModule(TrainedExplainer):
                  encoder: str = "tu-explainer_resnet_small", encoder_weights: str | None = None,
                  decoder_kwargs: dict | None = None, init_encoder_from_explanandum: bool = True,
                  map_loss: str = "bce", kl_temperature: float = 0.1, rank_pairs: int = 1024,
-                 rank_margin: float = 0.05, lambda_map: float = 1.0, lambda_absent: float = 1.0,
-                 lambda_curve: float = 0.0, curve_areas: tuple = CURVE_AREAS,
+                 rank_margin: float = 0.05, map_top_weight: float = 0.0, lambda_map: float = 1.0,
+                 lambda_absent: float = 1.0, lambda_curve: float = 0.0, lambda_explainer: float = 0.0,
+                 explainer_objective: dict | None = None, init_from: str | None = None, curve_areas: tuple = CURVE_AREAS,
                  curve_temperature: float = CURVE_TEMPERATURE, baseline: str = "mean", augment: bool = True,
                  rotate: bool = True, lr: float = 1e-3, weight_decay: float = 0.0, optimizer: str = "adam",
                  lr_schedule: str = "cosine", warmup_steps: int = 0, channels_last: bool = True,
                  explanandum_fingerprint: str | None = None):
         if map_loss not in losses.MAP_LOSSES:
             raise ValueError(f"map_loss: expected one of {losses.MAP_LOSSES}, got {map_loss!r}")
-        for name, v in (("lambda_map", lambda_map), ("lambda_absent", lambda_absent), ("lambda_curve", lambda_curve)):
+        for name, v in (("lambda_map", lambda_map), ("lambda_absent", lambda_absent), ("lambda_curve", lambda_curve),
+                        ("lambda_explainer", lambda_explainer), ("map_top_weight", map_top_weight)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
         if not curve_areas or not all(0 < float(a) < 1 for a in curve_areas):
             raise ValueError(f"curve_areas: expected fractions in (0, 1), got {curve_areas!r}")
+        if map_top_weight and map_loss != "bce":
+            raise ValueError(f"map_top_weight: only the 'bce' map loss weighs pixels, got map_loss {map_loss!r}")
+        objective = check_explainer_objective(explainer_objective)
         super().__init__(explanandum, explanandum_fingerprint, baseline=baseline, lr=lr, weight_decay=weight_decay,
                          optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                          channels_last=channels_last)
         self.save_settings()
+        self.hparams.explainer_objective = objective
         init = self.explanandum.model if init_encoder_from_explanandum and not self.restoring else None
         self.net = build_mask_net(architecture, encoder, self.num_classes, encoder_weights, decoder_kwargs, init,
                                   channels_last)
+        if init_from is not None and not self.restoring:
+            self._init_from(init_from)
         self._cache: MapCache | None = None
         self._teacher = None
+
+    def _init_from(self, path: str) -> None:
+        meta, sd = read_meta(Path(path))
+        fp = meta.get("explanandum", {}).get("fingerprint")
+        if fp is not None and fp != self.explanandum_fingerprint:
+            raise ValueError(f"init_from: {path!r} was trained against another explanandum (fingerprint {fp}, "
+                             f"this one's {self.explanandum_fingerprint})")
+        net = {k[len("net."):]: v for k, v in sd.items() if k.startswith("net.")}
+        own = self.net.state_dict()
+        bad = sorted(set(own) ^ set(net)) + [k for k in own if k in net and own[k].shape != net[k].shape]
+        if bad:
+            raise ValueError(f"init_from: {path!r} holds another network than this student's (architecture, encoder, "
+                             f"decoder_kwargs and classes must match); differing: {bad[:5]}")
+        self.net.load_state_dict(net)
 
     # ---- the teacher ------------------------------------------------------------------
     def teacher_maps(self, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -149,7 +185,7 @@ class DistillModule(TrainedExplainer):
             z = S[b, c]
             t = torch.cat([m for _, m in teach])
             out["map"] = losses.map_distillation_loss(z, t, hp.map_loss, hp.kl_temperature, hp.rank_pairs,
-                                                      hp.rank_margin)
+                                                      hp.rank_margin, top_weight=hp.map_top_weight)
             total = total + hp.lambda_map * out["map"]
             if hp.lambda_curve:
                 # one explained class per image (pseudo-random in (index, step)): the term costs 2 x areas
@@ -166,6 +202,12 @@ class DistillModule(TrainedExplainer):
             za = S.permute(0, 2, 3, 1)[absent.view(absent.shape[0], 1, 1, -1).expand(-1, *S.shape[-2:], -1)]
             out["absent"] = F.binary_cross_entropy_with_logits(za.float(), torch.zeros_like(za, dtype=torch.float))
             total = total + hp.lambda_absent * out["absent"]
+        if hp.lambda_explainer:
+            obj = hp.explainer_objective
+            ex = explainer_objective(self, x, y, S, obj, obj["area_min"], obj["area_max"])
+            out.update({f"explainer_{k}": v for k, v in ex.items() if k != "loss"})
+            out["explainer"] = ex["loss"]
+            total = total + hp.lambda_explainer * ex["loss"]
         out["loss"] = total
         return out
 

@@ -41,6 +41,53 @@ def pick_present(present: torch.Tensor, index: torch.Tensor, step: int) -> torch
     return score.argmax(1)
 
 
+OBJECTIVE_WEIGHTS = ("lambda_ent", "lambda_tv", "lambda_area", "lambda_mask", "lambda_nontarget")
+OBJECTIVE_DEFAULTS = {"lambda_ent": 1.0, "lambda_tv": 1.0, "lambda_area": 1.0, "lambda_mask": 0.1,
+                      "lambda_nontarget": 0.3, "area_min": 0.05, "area_max": 0.3}
+
+
+def check_explainer_objective(settings: dict | None) -> dict:
+    """The Explainer objective's weights and area bounds (``OBJECTIVE_DEFAULTS`` for what is not given)."""
+    settings = dict(settings or {})
+    unknown = set(settings) - set(OBJECTIVE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"explainer objective: unknown settings {sorted(unknown)}; expected some of "
+                         f"{sorted(OBJECTIVE_DEFAULTS)}")
+    out = {**OBJECTIVE_DEFAULTS, **settings}
+    for k, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != v:
+            raise ValueError(f"explainer objective: {k} expected a number >= 0, got {v!r}")
+    if not out["area_min"] <= out["area_max"] <= 1:
+        raise ValueError(f"explainer objective: expected 0 <= area_min <= area_max <= 1, got "
+                         f"{out['area_min']}, {out['area_max']}")
+    return out
+
+
+def explainer_objective(module: TrainedExplainer, x: torch.Tensor, y: torch.Tensor, S: torch.Tensor,
+                        weights: dict, area_min: float, area_max: float) -> dict[str, torch.Tensor]:
+    """The Explainer's loss (module docstring, without ``L_class``) of mask logits ``S`` (B, C, H, W) for images
+    ``x`` with multi-hot labels ``y``; ``module`` gives the explanandum and its masking. Returns its terms and
+    their weighted sum ``loss``. Shared with the distill kind, which can add it to its own terms."""
+    f = module.explanandum
+    present = y > 0.5
+    s = torch.sigmoid(S)
+    m = torch.sigmoid(losses.masked_max(S, present))
+    n = torch.sigmoid(losses.masked_max(S, ~present))
+    out = {"cls": losses.classification_loss(f(module.mask(x, m)), y, f.multilabel)}
+    total = out["cls"]
+    if weights["lambda_ent"]:
+        out["ent"] = losses.negative_entropy(f(module.mask(x, 1 - m)))
+        total = total + weights["lambda_ent"] * out["ent"]
+    out["tv"] = losses.total_variation(m) + losses.total_variation(n)
+    out["area"] = losses.area_loss(s, present, area_min, area_max)
+    out["mask"] = m.mean()
+    out["nontarget"] = n.mean()
+    total = total + weights["lambda_tv"] * out["tv"] + weights["lambda_area"] * out["area"] \
+        + weights["lambda_mask"] * out["mask"] + weights["lambda_nontarget"] * out["nontarget"]
+    out["loss"] = total
+    return out
+
+
 @register_kind("explainer")
 class ExplainerModule(TrainedExplainer):
     """The Explainer of Stalder et al. (see the module docstring).
@@ -91,30 +138,14 @@ class ExplainerModule(TrainedExplainer):
 
     # ---- the loss -------------------------------------------------------------------
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        hp, f = self.hparams, self.explanandum
+        hp = self.hparams
         x, y = batch["image"], batch["labels"]
-        present = y > 0.5
         S = self(x)
-        s = torch.sigmoid(S)
-        m = torch.sigmoid(losses.masked_max(S, present))
-        n = torch.sigmoid(losses.masked_max(S, ~present))
-        l_cls = losses.classification_loss(f(self.mask(x, m)), y, f.multilabel)
-        out = {"cls": l_cls}
-        total = l_cls
-        if hp.lambda_ent:
-            out["ent"] = losses.negative_entropy(f(self.mask(x, 1 - m)))
-            total = total + hp.lambda_ent * out["ent"]
-        out["tv"] = losses.total_variation(m) + losses.total_variation(n)
-        out["area"] = losses.area_loss(s, present, hp.area_min, hp.area_max)
-        out["mask"] = m.mean()
-        out["nontarget"] = n.mean()
-        total = total + hp.lambda_tv * out["tv"] + hp.lambda_area * out["area"] + hp.lambda_mask * out["mask"] \
-            + hp.lambda_nontarget * out["nontarget"]
+        out = explainer_objective(self, x, y, S, {k: hp[k] for k in OBJECTIVE_WEIGHTS}, hp.area_min, hp.area_max)
         if hp.lambda_class:
             index = batch.get("index", torch.arange(x.shape[0], device=x.device))
-            out["class"] = self._class_term(x, s, present, torch.as_tensor(index, device=x.device))
-            total = total + hp.lambda_class * out["class"]
-        out["loss"] = total
+            out["class"] = self._class_term(x, torch.sigmoid(S), y > 0.5, torch.as_tensor(index, device=x.device))
+            out["loss"] = out["loss"] + hp.lambda_class * out["class"]
         out["_S"] = S.detach()
         return out
 
