@@ -223,3 +223,19 @@ def test_init_from_and_objective_errors(setup, tmp_path):
         student(clf, d, lambda_explainer=-0.5)
     with pytest.raises(ValueError, match="map_top_weight"):
         student(clf, d, map_loss="kl", map_top_weight=2.0)
+
+
+def test_curve_halves_add_up_to_the_whole_term(setup, tiny_voc):
+    d, clf = setup
+    dm = VOCDataModule(root=str(tiny_voc), image_size=64, num_workers=0, augment=False)
+    batch = next(iter(torch.utils.data.DataLoader(dm.dataset("train", train_transform=False), batch_size=6)))
+    got = {}
+    for parts in ("both", "keep", "lose"):
+        torch.manual_seed(0)
+        m = student(clf, d, lambda_curve=1.0, curve_areas=(0.1, 0.3), curve_parts=parts).eval()
+        with torch.no_grad():
+            got[parts] = m.compute_losses(batch)["curve"]
+    assert got["keep"] > 0 and got["lose"] > 0
+    assert torch.isclose(got["both"], got["keep"] + got["lose"], atol=1e-6)
+    with pytest.raises(ValueError, match="curve_parts"):
+        student(clf, d, curve_parts="half")

@@ -13,7 +13,8 @@ normalised to [0, 1]) and student logits ``z_c``::
 * ``L_curve`` (``lambda_curve`` > 0): the faithfulness term of LTX's finetuning: the soft top ``a`` of the map
   for each area ``a`` of ``curve_areas`` must keep class ``c`` and the image without it must lose it
   (:func:`explainer.losses.soft_top_area`), masking with the explainer's baseline; for one explained class
-  per image and step (it costs two explanandum passes per area);
+  per image and step (it costs two explanandum passes per area); ``curve_parts`` "keep" or "lose" keeps one
+  half (what insertion reads, or what deletion reads);
 * ``L_explainer`` (``lambda_explainer`` > 0): the Explainer's own objective on all the maps
   (:func:`explainer.explainers.explainer.explainer_objective`, its weights and area bounds in
   ``explainer_objective``; two explanandum passes per image).
@@ -45,6 +46,7 @@ from explainer.methods import base as method_registry
 from explainer.nets.segmentation import build_mask_net
 
 CURVE_AREAS, CURVE_TEMPERATURE = (0.05, 0.1, 0.25, 0.5), 0.1
+CURVE_PARTS = ("both", "keep", "lose")
 
 
 def joint_augment(x: torch.Tensor, maps: list[torch.Tensor], index: torch.Tensor, step: int,
@@ -81,7 +83,8 @@ class DistillModule(TrainedExplainer):
         map_loss: "bce", "kl" or "rank"; kl_temperature, rank_pairs, rank_margin: their settings;
             map_top_weight: pixels weigh ``1 + w T`` in the BCE (errors on the teacher's top count more).
         lambda_map, lambda_absent, lambda_curve, lambda_explainer: weights of the terms; curve_areas,
-            curve_temperature: the curve term's soft top areas and temperature; explainer_objective: the
+            curve_temperature, curve_parts: the curve term's soft top areas, temperature and halves ("both", "keep",
+            "lose"); explainer_objective: the
             Explainer objective's weights and area bounds (``lambda_ent``, ``lambda_tv``, ``lambda_area``,
             ``lambda_mask``, ``lambda_nontarget``, ``area_min``, ``area_max``; the Explainer's defaults).
         baseline: masking baseline of the curve term ("mean", "black", "blur").
@@ -99,7 +102,7 @@ class DistillModule(TrainedExplainer):
                  rank_margin: float = 0.05, map_top_weight: float = 0.0, lambda_map: float = 1.0,
                  lambda_absent: float = 1.0, lambda_curve: float = 0.0, lambda_explainer: float = 0.0,
                  explainer_objective: dict | None = None, init_from: str | None = None, curve_areas: tuple = CURVE_AREAS,
-                 curve_temperature: float = CURVE_TEMPERATURE, baseline: str = "mean", augment: bool = True,
+                 curve_temperature: float = CURVE_TEMPERATURE, curve_parts: str = "both", baseline: str = "mean", augment: bool = True,
                  rotate: bool = True, lr: float = 1e-3, weight_decay: float = 0.0, optimizer: str = "adam",
                  lr_schedule: str = "cosine", warmup_steps: int = 0, channels_last: bool = True,
                  explanandum_fingerprint: str | None = None):
@@ -111,6 +114,8 @@ class DistillModule(TrainedExplainer):
                 raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
         if not curve_areas or not all(0 < float(a) < 1 for a in curve_areas):
             raise ValueError(f"curve_areas: expected fractions in (0, 1), got {curve_areas!r}")
+        if curve_parts not in CURVE_PARTS:
+            raise ValueError(f"curve_parts: expected one of {CURVE_PARTS}, got {curve_parts!r}")
         if map_top_weight and map_loss != "bce":
             raise ValueError(f"map_top_weight: only the 'bce' map loss weighs pixels, got map_loss {map_loss!r}")
         objective = check_explainer_objective(explainer_objective)
@@ -212,16 +217,23 @@ class DistillModule(TrainedExplainer):
         return out
 
     def _curve(self, x: torch.Tensor, z: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-        """The soft top-a masks must keep the class; the image without them must lose it (one explanandum pass)."""
+        """The soft top-a masks must keep the class; the image without them must lose it (one explanandum pass);
+        ``curve_parts`` keeps one half."""
         hp, f = self.hparams, self.explanandum
+        parts = getattr(hp, "curve_parts", "both")
         tops = [losses.soft_top_area(z, float(a), hp.curve_temperature) for a in hp.curve_areas]
-        images = [self.mask(x, m) for m in tops] + [self.mask(x, 1 - m) for m in tops]
-        outs = f(torch.cat(images)).chunk(len(images))
-        k = len(tops)
-        keep = torch.stack([losses.counterfactual_loss(o, onehot, "groundtruth", f.multilabel, "none")
-                            for o in outs[:k]])
-        lose = torch.stack([losses.inverse_mask_loss(o, onehot, f.multilabel, reduction="none") for o in outs[k:]])
-        return (keep + lose).mean()
+        images = ([self.mask(x, m) for m in tops] if parts != "lose" else []) \
+            + ([self.mask(x, 1 - m) for m in tops] if parts != "keep" else [])
+        outs = list(f(torch.cat(images)).chunk(len(images)))
+        total = 0.0
+        if parts != "lose":
+            keep = [outs.pop(0) for _ in tops]
+            total = total + torch.stack([losses.counterfactual_loss(o, onehot, "groundtruth", f.multilabel, "none")
+                                         for o in keep]).mean()
+        if parts != "keep":
+            total = total + torch.stack([losses.inverse_mask_loss(o, onehot, f.multilabel, reduction="none")
+                                         for o in outs]).mean()
+        return total
 
     def validation_step(self, batch, batch_idx):
         out = self.compute_losses(batch)
