@@ -239,3 +239,57 @@ def test_curve_halves_add_up_to_the_whole_term(setup, tiny_voc):
     assert torch.isclose(got["both"], got["keep"] + got["lose"], atol=1e-6)
     with pytest.raises(ValueError, match="curve_parts"):
         student(clf, d, curve_parts="half")
+
+
+def test_grid_smooth_equals_plain_block_means_and_bilinear_upsampling():
+    from explainer.explainers.distill import grid_smooth
+
+    torch.manual_seed(2)
+    s = torch.rand(1, 1, 8, 12)
+    got = grid_smooth(s, 2)[0, 0]
+    ch, cw = 2, 3  # 2 cells along the shorter side, the longer in proportion: 4 x 4 pixel cells
+    cells = [[float(s[0, 0, 4 * i:4 * i + 4, 4 * j:4 * j + 4].mean()) for j in range(cw)] for i in range(ch)]
+
+    def src(o, n_in, n_out):  # bilinear sampling, half-pixel centres (align_corners=False)
+        p = min(max((o + 0.5) * n_in / n_out - 0.5, 0.0), n_in - 1.0)
+        i0 = int(p)
+        i1 = min(i0 + 1, n_in - 1)
+        return i0, i1, p - i0
+
+    for y in range(8):
+        y0, y1, fy = src(y, ch, 8)
+        for x in range(12):
+            x0, x1, fx = src(x, cw, 12)
+            top = cells[y0][x0] * (1 - fx) + cells[y0][x1] * fx
+            bottom = cells[y1][x0] * (1 - fx) + cells[y1][x1] * fx
+            assert abs(float(got[y, x]) - (top * (1 - fy) + bottom * fy)) < 1e-6, (y, x)
+    assert torch.equal(grid_smooth(s, None), s)
+    assert torch.allclose(grid_smooth(s, 8), s, atol=1e-6)  # one pixel per cell: unchanged
+
+
+def test_output_grid_smooths_explain_and_export_but_not_training(setup, tiny_voc, tmp_path):
+    from explainer.explainers.distill import grid_smooth
+
+    d, clf = setup
+    torch.manual_seed(0)
+    plain = student(clf, d).eval()
+    smooth = student(clf, d, output_grid=4).eval()
+    smooth.load_state_dict(plain.state_dict())
+    dm = VOCDataModule(root=str(tiny_voc), image_size=64, num_workers=0, augment=False)
+    batch = next(iter(torch.utils.data.DataLoader(dm.dataset("train", train_transform=False), batch_size=4)))
+    x = batch["image"]
+    want = grid_smooth(plain.explain(x), 4)
+    assert torch.allclose(smooth.explain(x), want, atol=1e-6)
+    assert not torch.allclose(plain.explain(x), want, atol=1e-3)
+    with torch.no_grad():
+        assert torch.equal(smooth.compute_losses(batch)["loss"], plain.compute_losses(batch)["loss"])
+    loaded = explainer.load(export_safetensors(smooth, tmp_path / "g.safetensors"))
+    assert loaded.hparams.output_grid == 4 and torch.allclose(loaded.explain(x), want, atol=1e-6)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(export_onnx(loaded, tmp_path / "g.onnx", 64)), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(out - want.numpy()).max() < 1e-4
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="output_grid"):
+            student(clf, d, output_grid=bad)

@@ -19,6 +19,11 @@ normalised to [0, 1]) and student logits ``z_c``::
   (:func:`explainer.explainers.explainer.explainer_objective`, its weights and area bounds in
   ``explainer_objective``; two explanandum passes per image).
 
+``output_grid`` (g, optional) smooths the maps the student gives (``explain``, export, serving; not its
+training): each mask is averaged over a grid of g cells along its shorter side and upsampled bilinearly, as
+Grad-CAM's maps are by construction. Deletion removes connected regions of a smooth map, which takes the
+evidence away sooner; chosen on validation images for the faithful explainer (docs/DISTILLATION.md).
+
 ``init_from`` starts the network from a trained explainer's (a ``.ckpt`` or a safetensors export of the same
 architecture): a student can be finetuned with other terms without training it again from the start.
 
@@ -67,6 +72,17 @@ def joint_augment(x: torch.Tensor, maps: list[torch.Tensor], index: torch.Tensor
     return torch.stack(xs), ms
 
 
+def grid_smooth(s: torch.Tensor, grid: int | None) -> torch.Tensor:
+    """Maps (B, K, H, W) averaged over a grid of ``grid`` cells along the shorter side (the longer side in
+    proportion), then upsampled bilinearly to (H, W); None: unchanged."""
+    if not grid:
+        return s
+    h, w = s.shape[-2:]
+    short = min(h, w)
+    cells = (max(1, round(grid * h / short)), max(1, round(grid * w / short)))
+    return F.interpolate(F.adaptive_avg_pool2d(s, cells), size=(h, w), mode="bilinear", align_corners=False)
+
+
 @register_kind("distill")
 class DistillModule(TrainedExplainer):
     """A student explainer distilled from a teacher method's maps (see the module docstring).
@@ -88,6 +104,8 @@ class DistillModule(TrainedExplainer):
             Explainer objective's weights and area bounds (``lambda_ent``, ``lambda_tv``, ``lambda_area``,
             ``lambda_mask``, ``lambda_nontarget``, ``area_min``, ``area_max``; the Explainer's defaults).
         baseline: masking baseline of the curve term ("mean", "black", "blur").
+        output_grid: None, or the number of cells (>= 1) along the shorter side over which the student's masks
+            are averaged at inference (see the module docstring).
         augment, rotate: joint flips (and 90-degree rotations) of images and teacher maps.
         lr, weight_decay, optimizer, lr_schedule, warmup_steps, channels_last: see TrainedExplainer.
         explanandum_fingerprint: set when restoring.
@@ -102,7 +120,7 @@ class DistillModule(TrainedExplainer):
                  rank_margin: float = 0.05, map_top_weight: float = 0.0, lambda_map: float = 1.0,
                  lambda_absent: float = 1.0, lambda_curve: float = 0.0, lambda_explainer: float = 0.0,
                  explainer_objective: dict | None = None, init_from: str | None = None, curve_areas: tuple = CURVE_AREAS,
-                 curve_temperature: float = CURVE_TEMPERATURE, curve_parts: str = "both", baseline: str = "mean", augment: bool = True,
+                 curve_temperature: float = CURVE_TEMPERATURE, curve_parts: str = "both", output_grid: int | None = None, baseline: str = "mean", augment: bool = True,
                  rotate: bool = True, lr: float = 1e-3, weight_decay: float = 0.0, optimizer: str = "adam",
                  lr_schedule: str = "cosine", warmup_steps: int = 0, channels_last: bool = True,
                  explanandum_fingerprint: str | None = None):
@@ -114,6 +132,9 @@ class DistillModule(TrainedExplainer):
                 raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
         if not curve_areas or not all(0 < float(a) < 1 for a in curve_areas):
             raise ValueError(f"curve_areas: expected fractions in (0, 1), got {curve_areas!r}")
+        if output_grid is not None and (isinstance(output_grid, bool) or not isinstance(output_grid, int)
+                                        or output_grid < 1):
+            raise ValueError(f"output_grid: expected None or an integer >= 1, got {output_grid!r}")
         if curve_parts not in CURVE_PARTS:
             raise ValueError(f"curve_parts: expected one of {CURVE_PARTS}, got {curve_parts!r}")
         if map_top_weight and map_loss != "bce":
@@ -145,6 +166,11 @@ class DistillModule(TrainedExplainer):
             raise ValueError(f"init_from: {path!r} holds another network than this student's (architecture, encoder, "
                              f"decoder_kwargs and classes must match); differing: {bad[:5]}")
         self.net.load_state_dict(net)
+
+    def class_masks(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-class masks (B, C, H, W) in [0, 1], averaged over ``output_grid`` cells when it is set."""
+        s = torch.sigmoid(self.mask_logits(x))
+        return grid_smooth(s, self.hparams.get("output_grid"))
 
     # ---- the teacher ------------------------------------------------------------------
     def teacher_maps(self, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
