@@ -293,3 +293,20 @@ def test_output_grid_smooths_explain_and_export_but_not_training(setup, tiny_voc
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="output_grid"):
             student(clf, d, output_grid=bad)
+
+
+def test_distilled_method_overrides_the_recorded_grid(setup, tiny_voc, tmp_path):
+    from explainer.explainers.distill import grid_smooth
+
+    d, clf = setup
+    torch.manual_seed(0)
+    path = export_safetensors(student(clf, d, output_grid=4).eval(), tmp_path / "g.safetensors")
+    x = torch.rand(2, 3, 64, 64)
+    recorded = explainer.methods.get("distill", None, checkpoint=str(path))
+    off = explainer.methods.get("distill", None, checkpoint=str(path), output_grid=0)
+    other = explainer.methods.get("distill", None, checkpoint=str(path), output_grid=2)
+    raw = off.attribute(x, [1, 2])
+    assert torch.allclose(recorded.attribute(x, [1, 2]), grid_smooth(raw, 4), atol=1e-6)
+    assert torch.allclose(other.attribute(x, [1, 2]), grid_smooth(raw, 2), atol=1e-6)
+    with pytest.raises(ValueError, match="output_grid"):
+        explainer.methods.get("distill", None, checkpoint=str(path), output_grid=-1)

@@ -52,9 +52,21 @@ ExplainerMethod = TrainedExplainerMethod  # its former name
 
 @register("distill")
 class DistilledMethod(TrainedExplainerMethod):
-    """A distilled explainer (kind "distill"): its mask of the target class from one forward pass."""
+    """A distilled explainer (kind "distill"): its mask of the target class from one forward pass.
+
+    ``output_grid`` (optional) replaces the checkpoint's: None keeps it, 0 turns smoothing off, g >= 1 averages
+    the masks over g cells along the shorter side (:func:`explainer.explainers.distill.grid_smooth`).
+    """
 
     kind = "distill"
+
+    def __init__(self, f: Any = None, *, checkpoint: str | None = None, batch_size: int = 64,
+                 output_grid: int | None = None, **options: Any):
+        super().__init__(f, checkpoint=checkpoint, batch_size=batch_size, **options)
+        if output_grid is not None:
+            if isinstance(output_grid, bool) or not isinstance(output_grid, int) or output_grid < 0:
+                raise ValueError(f"output_grid: expected None or an integer >= 0, got {output_grid!r}")
+            self.module.hparams.output_grid = output_grid or None
 
 
 @register("ltx")
