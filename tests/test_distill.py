@@ -208,7 +208,8 @@ def test_explainer_term_is_the_explainers_own_loss_and_init_from_copies_a_networ
 
 def test_init_from_and_objective_errors(setup, tmp_path):
     d, clf = setup
-    other_net = export_safetensors(student(clf, d, architecture="FPN", decoder_kwargs=None), tmp_path / "fpn.safetensors")
+    other_net = export_safetensors(student(clf, d, architecture="FPN", decoder_kwargs=None),
+                                   tmp_path / "fpn.safetensors")
     with pytest.raises(ValueError, match="another network"):
         student(clf, d, init_from=str(other_net))
     other_clf = tiny_classifier(tmp_path / "other.safetensors", seed=5)

@@ -99,10 +99,10 @@ class DistillModule(TrainedExplainer):
         map_loss: "bce", "kl" or "rank"; kl_temperature, rank_pairs, rank_margin: their settings;
             map_top_weight: pixels weigh ``1 + w T`` in the BCE (errors on the teacher's top count more).
         lambda_map, lambda_absent, lambda_curve, lambda_explainer: weights of the terms; curve_areas,
-            curve_temperature, curve_parts: the curve term's soft top areas, temperature and halves ("both", "keep",
-            "lose"); explainer_objective: the
-            Explainer objective's weights and area bounds (``lambda_ent``, ``lambda_tv``, ``lambda_area``,
-            ``lambda_mask``, ``lambda_nontarget``, ``area_min``, ``area_max``; the Explainer's defaults).
+            curve_temperature, curve_parts: the curve term's soft top areas, temperature and halves ("both",
+            "keep", "lose"); explainer_objective: the Explainer objective's weights and area bounds
+            (``lambda_ent``, ``lambda_tv``, ``lambda_area``, ``lambda_mask``, ``lambda_nontarget``, ``area_min``,
+            ``area_max``; the Explainer's defaults).
         baseline: masking baseline of the curve term ("mean", "black", "blur").
         output_grid: None, or the number of cells (>= 1) along the shorter side over which the student's masks
             are averaged at inference (see the module docstring).
@@ -119,8 +119,10 @@ class DistillModule(TrainedExplainer):
                  map_loss: str = "bce", kl_temperature: float = 0.1, rank_pairs: int = 1024,
                  rank_margin: float = 0.05, map_top_weight: float = 0.0, lambda_map: float = 1.0,
                  lambda_absent: float = 1.0, lambda_curve: float = 0.0, lambda_explainer: float = 0.0,
-                 explainer_objective: dict | None = None, init_from: str | None = None, curve_areas: tuple = CURVE_AREAS,
-                 curve_temperature: float = CURVE_TEMPERATURE, curve_parts: str = "both", output_grid: int | None = None, baseline: str = "mean", augment: bool = True,
+                 explainer_objective: dict | None = None, init_from: str | None = None,
+                 curve_areas: tuple = CURVE_AREAS, curve_temperature: float = CURVE_TEMPERATURE,
+                 curve_parts: str = "both", output_grid: int | None = None, baseline: str = "mean",
+                 augment: bool = True,
                  rotate: bool = True, lr: float = 1e-3, weight_decay: float = 0.0, optimizer: str = "adam",
                  lr_schedule: str = "cosine", warmup_steps: int = 0, channels_last: bool = True,
                  explanandum_fingerprint: str | None = None):
@@ -170,7 +172,7 @@ class DistillModule(TrainedExplainer):
     def class_masks(self, x: torch.Tensor) -> torch.Tensor:
         """Per-class masks (B, C, H, W) in [0, 1], averaged over ``output_grid`` cells when it is set."""
         s = torch.sigmoid(self.mask_logits(x))
-        return grid_smooth(s, self.hparams.get("output_grid"))
+        return grid_smooth(s, self.hparams.output_grid)
 
     # ---- the teacher ------------------------------------------------------------------
     def teacher_maps(self, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -246,7 +248,7 @@ class DistillModule(TrainedExplainer):
         """The soft top-a masks must keep the class; the image without them must lose it (one explanandum pass);
         ``curve_parts`` keeps one half."""
         hp, f = self.hparams, self.explanandum
-        parts = getattr(hp, "curve_parts", "both")
+        parts = hp.curve_parts
         tops = [losses.soft_top_area(z, float(a), hp.curve_temperature) for a in hp.curve_areas]
         images = ([self.mask(x, m) for m in tops] if parts != "lose" else []) \
             + ([self.mask(x, 1 - m) for m in tops] if parts != "keep" else [])
