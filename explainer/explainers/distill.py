@@ -21,8 +21,8 @@ normalised to [0, 1]) and student logits ``z_c``::
 
 ``output_grid`` (g, optional) smooths the maps the student gives (``explain``, export, serving; not its
 training): each mask is averaged over a grid of g cells along its shorter side and upsampled bilinearly, as
-Grad-CAM's maps are by construction. Deletion removes connected regions of a smooth map, which takes the
-evidence away sooner; chosen on validation images for the faithful explainer (docs/DISTILLATION.md).
+Grad-CAM's maps are by construction: the pixels ranked first then form connected regions. On validation images
+it lowered the faithful explainer's deletion AUC, and 16 cells were chosen there (docs/DISTILLATION.md).
 
 ``init_from`` starts the network from a trained explainer's (a ``.ckpt`` or a safetensors export of the same
 architecture): a student can be finetuned with other terms without training it again from the start.
