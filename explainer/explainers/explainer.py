@@ -64,13 +64,15 @@ def check_explainer_objective(settings: dict | None) -> dict:
 
 
 def explainer_objective(module: TrainedExplainer, x: torch.Tensor, y: torch.Tensor, S: torch.Tensor,
-                        weights: dict, area_min: float, area_max: float) -> dict[str, torch.Tensor]:
+                        weights: dict, area_min: float, area_max: float,
+                        s: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The Explainer's loss (module docstring, without ``L_class``) of mask logits ``S`` (B, C, H, W) for images
-    ``x`` with multi-hot labels ``y``; ``module`` gives the explanandum and its masking. Returns its terms and
+    ``x`` with multi-hot labels ``y``; ``module`` gives the explanandum and its masking; ``s``: ``sigmoid(S)``
+    if the caller has it (one node in the graph, so gradients add up in the same order). Returns its terms and
     their weighted sum ``loss``. Shared with the distill kind, which can add it to its own terms."""
     f = module.explanandum
     present = y > 0.5
-    s = torch.sigmoid(S)
+    s = torch.sigmoid(S) if s is None else s
     m = torch.sigmoid(losses.masked_max(S, present))
     n = torch.sigmoid(losses.masked_max(S, ~present))
     out = {"cls": losses.classification_loss(f(module.mask(x, m)), y, f.multilabel)}
@@ -141,10 +143,11 @@ class ExplainerModule(TrainedExplainer):
         hp = self.hparams
         x, y = batch["image"], batch["labels"]
         S = self(x)
-        out = explainer_objective(self, x, y, S, {k: hp[k] for k in OBJECTIVE_WEIGHTS}, hp.area_min, hp.area_max)
+        s = torch.sigmoid(S)
+        out = explainer_objective(self, x, y, S, {k: hp[k] for k in OBJECTIVE_WEIGHTS}, hp.area_min, hp.area_max, s)
         if hp.lambda_class:
             index = batch.get("index", torch.arange(x.shape[0], device=x.device))
-            out["class"] = self._class_term(x, torch.sigmoid(S), y > 0.5, torch.as_tensor(index, device=x.device))
+            out["class"] = self._class_term(x, s, y > 0.5, torch.as_tensor(index, device=x.device))
             out["loss"] = out["loss"] + hp.lambda_class * out["class"]
         out["_S"] = S.detach()
         return out
