@@ -236,8 +236,7 @@ class DistillModule(TrainedExplainer):
             out["absent"] = F.binary_cross_entropy_with_logits(za.float(), torch.zeros_like(za, dtype=torch.float))
             total = total + hp.lambda_absent * out["absent"]
         if hp.lambda_explainer:
-            obj = hp.explainer_objective
-            ex = explainer_objective(self, x, y, S, obj, obj["area_min"], obj["area_max"])
+            ex = explainer_objective(self, x, y, S, hp.explainer_objective)
             out.update({f"explainer_{k}": v for k, v in ex.items() if k != "loss"})
             out["explainer"] = ex["loss"]
             total = total + hp.lambda_explainer * ex["loss"]
@@ -250,17 +249,17 @@ class DistillModule(TrainedExplainer):
         hp, f = self.hparams, self.explanandum
         parts = hp.curve_parts
         tops = [losses.soft_top_area(z, float(a), hp.curve_temperature) for a in hp.curve_areas]
-        images = ([self.mask(x, m) for m in tops] if parts != "lose" else []) \
-            + ([self.mask(x, 1 - m) for m in tops] if parts != "keep" else [])
-        outs = list(f(torch.cat(images)).chunk(len(images)))
+        halves = {"keep": [self.mask(x, m) for m in tops] if parts != "lose" else [],
+                  "lose": [self.mask(x, 1 - m) for m in tops] if parts != "keep" else []}
+        outs = f(torch.cat(halves["keep"] + halves["lose"])).chunk(len(halves["keep"]) + len(halves["lose"]))
+        k = len(halves["keep"])
         total = 0.0
-        if parts != "lose":
-            keep = [outs.pop(0) for _ in tops]
+        if k:
             total = total + torch.stack([losses.counterfactual_loss(o, onehot, "groundtruth", f.multilabel, "none")
-                                         for o in keep]).mean()
-        if parts != "keep":
+                                         for o in outs[:k]]).mean()
+        if halves["lose"]:
             total = total + torch.stack([losses.inverse_mask_loss(o, onehot, f.multilabel, reduction="none")
-                                         for o in outs]).mean()
+                                         for o in outs[k:]]).mean()
         return total
 
     def validation_step(self, batch, batch_idx):

@@ -41,7 +41,6 @@ def pick_present(present: torch.Tensor, index: torch.Tensor, step: int) -> torch
     return score.argmax(1)
 
 
-OBJECTIVE_WEIGHTS = ("lambda_ent", "lambda_tv", "lambda_area", "lambda_mask", "lambda_nontarget")
 OBJECTIVE_DEFAULTS = {"lambda_ent": 1.0, "lambda_tv": 1.0, "lambda_area": 1.0, "lambda_mask": 0.1,
                       "lambda_nontarget": 0.3, "area_min": 0.05, "area_max": 0.3}
 
@@ -64,10 +63,10 @@ def check_explainer_objective(settings: dict | None) -> dict:
 
 
 def explainer_objective(module: TrainedExplainer, x: torch.Tensor, y: torch.Tensor, S: torch.Tensor,
-                        weights: dict, area_min: float, area_max: float,
-                        s: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                        settings: dict, s: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The Explainer's loss (module docstring, without ``L_class``) of mask logits ``S`` (B, C, H, W) for images
-    ``x`` with multi-hot labels ``y``; ``module`` gives the explanandum and its masking; ``s``: ``sigmoid(S)``
+    ``x`` with multi-hot labels ``y``, with the weights and area bounds of ``settings`` (the keys of
+    ``OBJECTIVE_DEFAULTS``); ``module`` gives the explanandum and its masking; ``s``: ``sigmoid(S)``
     if the caller has it (one node in the graph, so gradients add up in the same order). Returns its terms and
     their weighted sum ``loss``. Shared with the distill kind, which can add it to its own terms."""
     f = module.explanandum
@@ -77,15 +76,15 @@ def explainer_objective(module: TrainedExplainer, x: torch.Tensor, y: torch.Tens
     n = torch.sigmoid(losses.masked_max(S, ~present))
     out = {"cls": losses.classification_loss(f(module.mask(x, m)), y, f.multilabel)}
     total = out["cls"]
-    if weights["lambda_ent"]:
+    if settings["lambda_ent"]:
         out["ent"] = losses.negative_entropy(f(module.mask(x, 1 - m)))
-        total = total + weights["lambda_ent"] * out["ent"]
+        total = total + settings["lambda_ent"] * out["ent"]
     out["tv"] = losses.total_variation(m) + losses.total_variation(n)
-    out["area"] = losses.area_loss(s, present, area_min, area_max)
+    out["area"] = losses.area_loss(s, present, settings["area_min"], settings["area_max"])
     out["mask"] = m.mean()
     out["nontarget"] = n.mean()
-    total = total + weights["lambda_tv"] * out["tv"] + weights["lambda_area"] * out["area"] \
-        + weights["lambda_mask"] * out["mask"] + weights["lambda_nontarget"] * out["nontarget"]
+    total = total + settings["lambda_tv"] * out["tv"] + settings["lambda_area"] * out["area"] \
+        + settings["lambda_mask"] * out["mask"] + settings["lambda_nontarget"] * out["nontarget"]
     out["loss"] = total
     return out
 
@@ -144,7 +143,7 @@ class ExplainerModule(TrainedExplainer):
         x, y = batch["image"], batch["labels"]
         S = self(x)
         s = torch.sigmoid(S)
-        out = explainer_objective(self, x, y, S, {k: hp[k] for k in OBJECTIVE_WEIGHTS}, hp.area_min, hp.area_max, s)
+        out = explainer_objective(self, x, y, S, {k: hp[k] for k in OBJECTIVE_DEFAULTS}, s)
         if hp.lambda_class:
             index = batch.get("index", torch.arange(x.shape[0], device=x.device))
             out["class"] = self._class_term(x, s, y > 0.5, torch.as_tensor(index, device=x.device))
