@@ -249,17 +249,16 @@ class DistillModule(TrainedExplainer):
         hp, f = self.hparams, self.explanandum
         parts = hp.curve_parts
         tops = [losses.soft_top_area(z, float(a), hp.curve_temperature) for a in hp.curve_areas]
-        halves = {"keep": [self.mask(x, m) for m in tops] if parts != "lose" else [],
-                  "lose": [self.mask(x, 1 - m) for m in tops] if parts != "keep" else []}
-        outs = f(torch.cat(halves["keep"] + halves["lose"])).chunk(len(halves["keep"]) + len(halves["lose"]))
-        k = len(halves["keep"])
+        keep = [self.mask(x, m) for m in tops] if parts != "lose" else []
+        lose = [self.mask(x, 1 - m) for m in tops] if parts != "keep" else []
+        outs = f(torch.cat(keep + lose)).chunk(len(keep) + len(lose))
         total = 0.0
-        if k:
+        if keep:
             total = total + torch.stack([losses.counterfactual_loss(o, onehot, "groundtruth", f.multilabel, "none")
-                                         for o in outs[:k]]).mean()
-        if halves["lose"]:
+                                         for o in outs[:len(keep)]]).mean()
+        if lose:
             total = total + torch.stack([losses.inverse_mask_loss(o, onehot, f.multilabel, reduction="none")
-                                         for o in outs[k:]]).mean()
+                                         for o in outs[len(keep):]]).mean()
         return total
 
     def validation_step(self, batch, batch_idx):
