@@ -27,6 +27,10 @@ pixel_auroc        higher    ROC-AUC of the soft map (Explainer)
 randomization_...  lower     Adebayo sanity check: rank correlation
 ================== ========= =================================================
 
+Per-map helpers against object regions (the class's pixels and the void band next to them), for model
+selection: :mod:`explainer.metrics.regions` (``energy_pointing``, ``iou``, ``boundary_f1``, ``wrong_object``,
+``choose_threshold``).
+
 The plain functions (``deletion_auc(f, x, maps, target, ...)`` etc.) are
 the definitions; the registry and :class:`MetricTracker` only call them.
 ROAD and its noisy linear imputation live in :mod:`explainer.metrics.road`
@@ -50,6 +54,16 @@ from explainer.metrics.perturbation import (
     saliency_metric,
     trapezoid_auc,
 )
+from explainer.metrics.regions import (
+    best_threshold,
+    boundary_f1,
+    choose_threshold,
+    class_regions,
+    energy_pointing,
+    iou,
+    iou_grid,
+    wrong_object,
+)
 from explainer.metrics.registry import (
     DEFAULT_METRICS,
     METRICS,
@@ -68,4 +82,5 @@ __all__ = ["pointing_accuracy", "pointing_game", "segmentation_stats", "segmenta
            "saliency_metric", "trapezoid_auc", "DEFAULT_METRICS", "METRICS", "MetricSpec", "MetricTracker",
            "PairBatch", "available", "describe", "get", "model_randomization", "randomize_explanandum",
            "rank_correlation", "linear_impute", "noisy_linear_impute", "road_morf",
-           "road_lerf"]
+           "road_lerf", "best_threshold", "boundary_f1", "choose_threshold", "class_regions", "energy_pointing",
+           "iou", "iou_grid", "wrong_object"]
