@@ -15,7 +15,6 @@ A sample is a dict:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import albumentations as A
@@ -26,86 +25,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from explainer.core.constants import VOID
+from explainer.data.images import ALPHA_BACKGROUND, composite_alpha, read_rgb, white_level  # noqa: F401
 from explainer.data.resume import ResumableLoader
-
-ALPHA_BACKGROUND = (255, 255, 255)  # what transparent pixels show: white, as image viewers and browsers do
-
-
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An RGB uint8 array (H, W, 3); a clear error for a missing, corrupt or unconvertible file.
-
-    * High bit depth: greyscale with more than 8 bits (Pillow modes ``I;16*``,
-      ``I``) is scaled by its largest value, ``round(v * 255 / top)``, never
-      clipped: ``top = 2**16 - 1`` for PNG and PGM/PPM, ``2**bits - 1`` for
-      TIFF (BitsPerSample; ``2**(bits - 1) - 1`` for signed samples). Values
-      outside [0, top], or an ``I`` image of another format, are refused.
-      32-bit float greyscale (``F``) must hold values in [0, 1] (scaled by
-      255); other float ranges are refused, as their scale is unknown.
-      Pillow reads 16-bit-per-channel RGB, RGBA and grey+alpha PNGs as their
-      high byte, ``floor(v / 256)``, within 1 of the exact scaling.
-    * Transparency (an alpha band: RGBA, LA, PA; a palette or colour-key
-      transparency entry) is composited on :data:`ALPHA_BACKGROUND`, white:
-      ``round((c * a + 255 * (255 - a)) / 255)`` per channel, ``a`` the alpha
-      in [0, 255].
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image: no such file {str(path)!r}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return _to_rgb8(im, path)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"image: {str(path)!r} is not a readable image (corrupt or truncated): {err}") from err
-
-
-def composite_alpha(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """``rgb`` (H, W, 3) uint8 over ALPHA_BACKGROUND with ``alpha`` (H, W) uint8, rounded to nearest."""
-    a = alpha.astype(np.uint32)[..., None]
-    bg = np.asarray(ALPHA_BACKGROUND, np.uint32)
-    return ((rgb.astype(np.uint32) * a + bg * (255 - a) + 127) // 255).astype(np.uint8)
-
-
-def white_level(im: Image.Image, path: Path | str) -> tuple[int, int]:
-    """(bits per sample, largest value) of a greyscale image Pillow holds in 16 or 32 bits (``path`` names the
-    image in errors)."""
-    tags = getattr(im, "tag_v2", {}) if im.format == "TIFF" else {}
-    if 258 in tags:  # BitsPerSample, SampleFormat (2: signed integers)
-        bits = int(tags[258][0] if isinstance(tags[258], tuple) else tags[258])
-        signed = (tags.get(339, 1)[0] if isinstance(tags.get(339), tuple) else tags.get(339, 1)) == 2
-        return bits, 2 ** (bits - signed) - 1
-    if im.mode.startswith("I;16") or im.format in ("PNG", "PPM"):  # Pillow scales PGM/PPM samples to 16 bits
-        return 16, 2 ** 16 - 1
-    raise ValueError(f"image: {str(path)!r} is {im.format} greyscale in Pillow mode {im.mode} of unknown bit depth; "
-                     "convert it to an 8- or 16-bit PNG")
-
-
-def _to_rgb8(im: Image.Image, path: Path) -> np.ndarray:
-    if im.mode == "F" or im.mode.startswith("I"):
-        v = np.asarray(im)
-        if im.mode == "F":
-            if not np.isfinite(v).all() or v.min() < 0 or v.max() > 1:
-                raise ValueError(f"image: {str(path)!r} is floating-point greyscale with values in "
-                                 f"[{v.min()}, {v.max()}]; expected values in [0, 1] (scaled by 255)")
-            grey = np.floor(v.astype(np.float64) * 255 + 0.5)
-        else:
-            bits, top = white_level(im, path)
-            if v.min() < 0 or v.max() > top:
-                raise ValueError(f"image: {str(path)!r} has {bits}-bit greyscale values in [{v.min()}, {v.max()}], "
-                                 f"expected [0, {top}]")
-            grey = np.floor(v.astype(np.float64) * (255 / top) + 0.5)
-        rgb = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
-        key = im.info.get("transparency")
-        if isinstance(key, int):  # a colour-key (tRNS) grey value
-            rgb = composite_alpha(rgb, np.where(v == key, 0, 255).astype(np.uint8))
-        return rgb
-    if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:
-        rgba = np.asarray(im.convert("RGBA"))
-        return composite_alpha(rgba[..., :3], rgba[..., 3])
-    try:
-        return np.asarray(im.convert("RGB"))
-    except ValueError as err:
-        raise ValueError(f"image: {str(path)!r} has Pillow mode {im.mode}, which cannot be converted to RGB") from err
 
 
 def read_index_png(path: str | os.PathLike) -> np.ndarray:

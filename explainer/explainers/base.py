@@ -27,6 +27,7 @@ from explainer.core.masking import apply_mask, check_baseline
 from explainer.core.registry import Registry
 from explainer.core.targets import check_targets
 from explainer.data.resume import ExactResume
+from explainer.explainers.explanation import ExplainsImages
 from explainer.explanandum import Explanandum, load_explanandum
 
 CHECKPOINT_FORMAT = "explainer.checkpoint/1"
@@ -56,7 +57,7 @@ def fingerprint(f: Explanandum) -> str:
     return h.hexdigest()[:16]
 
 
-class TrainedExplainer(pl.LightningModule):
+class TrainedExplainer(pl.LightningModule, ExplainsImages):
     """Base of every trained explainer kind (see the module docstring).
 
     Args:
@@ -204,6 +205,11 @@ class TrainedExplainer(pl.LightningModule):
                 masks = masks.gather(1, idx.view(-1, 1, 1, 1).expand(-1, 1, *masks.shape[-2:]))
             out.append(masks.to(x.device))
         return torch.cat(out)
+
+    def selected_masks(self, x: torch.Tensor, classes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Masks (K_i, S, S) of images (B, 3, S, S) for each image's classes (for :meth:`explanation`)."""
+        masks = self.explain(x)
+        return [m[c.to(m.device)] for m, c in zip(masks, classes)]
 
     # ---- Lightning ------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -7,7 +7,7 @@ from jsonargparse.typing import PositiveInt
 
 from explainer.explainers.loading import load
 from explainer.pipelines.args import parse
-from explainer.pipelines.explain_files import explain_files, list_images
+from explainer.pipelines.explain_files import exit_code, explain_files, list_images
 
 
 def config_parser() -> ArgumentParser:
@@ -26,13 +26,17 @@ def config_parser() -> ArgumentParser:
     p.add_argument("--device", type=str, default="cpu")
     p.add_argument("--explanandum", type=str | None, default=None,
                    help="override the classifier spec recorded in the checkpoint")
+    p.add_argument("--skip_bad", "--skip-bad", type=bool, default=False,
+                   help="exit 0 when some files cannot be read (by default: exit 1); either way every readable "
+                        "image is explained and every unreadable file is listed with its reason in "
+                        "explanations.json and on stderr")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(config_parser(), argv)
     module = load(a.checkpoint, explanandum=a.explanandum, map_location=a.device)
-    files = list_images(a.images)
-    explain_files(module, files, a.out, top_k=a.top_k, batch_size=a.batch_size, size=a.size, root=a.images)
-    print(f"wrote masks of {len(files)} image(s) to {a.out}")
-    return 0
+    files = list_images(a.images, exclude=a.out)
+    report = explain_files(module, files, a.out, top_k=a.top_k, batch_size=a.batch_size, size=a.size,
+                           root=a.images)
+    return exit_code(report, a.out, a.skip_bad)

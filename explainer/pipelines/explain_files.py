@@ -4,29 +4,43 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from explainer.core import viz
 from explainer.core.io import atomic_write_text
-from explainer.data.base import read_rgb
 from explainer.data.folder import IMAGE_SUFFIXES
+from explainer.data.images import read_image
+from explainer.explainers.explanation import ExplainsImages, input_resolution
+
+REPORT = "explanations.json"
 
 
-def list_images(path: str | os.PathLike) -> list[Path]:
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def list_images(path: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
+    """The image files of ``path`` (a file, or a folder searched recursively), without any below ``exclude``
+    (the output folder: outputs are never inputs)."""
     path = Path(path)
     if path.is_file():
         return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"images: {str(path)!r} holds no images ({sorted(IMAGE_SUFFIXES)})")
-        return files
-    raise FileNotFoundError(f"images: no such file or directory {str(path)!r}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"images: no such file or directory {str(path)!r}")
+    skip = Path(exclude).resolve() if exclude is not None else None
+    if skip is not None and _inside(path.resolve(), skip):
+        raise ValueError(f"out: {str(exclude)!r} holds the images folder {str(path)!r}; expected an output "
+                         "folder that does not contain the images (one inside the images folder is skipped when "
+                         "reading them)")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                   and not (skip is not None and _inside(p.resolve(), skip)))
+    if not files:
+        raise FileNotFoundError(f"images: {str(path)!r} holds no images ({sorted(IMAGE_SUFFIXES)})")
+    return files
 
 
 def output_stem(image: Path, root: Path | None) -> Path:
@@ -37,52 +51,66 @@ def output_stem(image: Path, root: Path | None) -> Path:
     return rel.parent / rel.name.replace(".", "_")
 
 
-def explain_files(module, images: list[Path], out: str | os.PathLike, top_k: int = 3, batch_size: int = 16,
-                  size: int | None = None, progress: bool = True, root: str | os.PathLike | None = None) -> dict:
+def _write(module, img, masks, classes, probabilities, stem: Path) -> dict:
+    names = module.explanandum.class_names
+    entries = []
+    for m, c in zip(masks, classes.tolist()):
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in names[c])
+        q = (m.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        viz.save_png(q, stem.parent / f"{stem.name}_{safe}_mask.png")
+        viz.save_png(viz.overlay(img, m), stem.parent / f"{stem.name}_{safe}_overlay.png")
+        entries.append({"class": names[c], "index": c, "probability": float(probabilities[c]),
+                        "mask_area": float(m.mean())})
+    return {"top_classes": entries}
+
+
+def explain_files(module: ExplainsImages, images: list[Path], out: str | os.PathLike, top_k: int = 3,
+                  batch_size: int = 16, size: int | None = None, progress: bool = True,
+                  root: str | os.PathLike | None = None) -> dict:
     """Write ``<name>_<class>_mask.png`` and ``_overlay.png`` for the top-k classes, and explanations.json.
 
     Outputs mirror the input tree below ``root`` (see :func:`output_stem`); explanations.json is keyed by the
-    same relative paths. Images are resized to the explainer's input size for one batched pass (all classes at
-    once) and the masks resized back to each image's size.
+    same relative paths. Each batch of images goes through ``module.explanation`` (resized to the explainer's
+    input size, masks resized back to each image's size). A file that cannot be read does not stop the run: its
+    entry in explanations.json is ``{"error": reason}``, and the reason is printed on stderr.
     """
     for name, v in (("top_k", top_k), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"size: expected an integer >= 1 (pixels) or None, got {size!r}")
+    input_resolution(module, size)  # checks size
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out: {str(out)!r} is an existing file; expected a folder for the masks")
     root = Path(root) if root is not None and Path(root).is_dir() else None
     out.mkdir(parents=True, exist_ok=True)
-    size = int(size or getattr(module, "input_size", None) or 128)
-    f = module.explanandum
     report: dict[str, dict] = {}
-    k = max(1, min(top_k, f.num_classes))
+    keys = [str(p.relative_to(root) if root is not None else p) for p in images]
+    k = max(1, min(top_k, module.explanandum.num_classes))
     for i in tqdm(range(0, len(images), batch_size), disable=not progress, desc="explain", unit="batch"):
-        paths = images[i:i + batch_size]
-        arrays = [read_rgb(p) for p in paths]
-        x = torch.stack([F.interpolate(torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() / 255,
-                                       size=(size, size), mode="bilinear", align_corners=False)[0]
-                         for a in arrays]).clamp(0, 1)
-        masks = module.explain(x)
-        with torch.inference_mode():
-            probs = f.probabilities(f(x.to(module.device))).cpu()
-        for p, a, m, pr in zip(paths, arrays, masks, probs):
-            H, W = a.shape[:2]
-            full = F.interpolate(m[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-            img = torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 255
-            top = pr.topk(k).indices.tolist()
-            entries = []
-            for c in top:
-                name = f.class_names[c]
-                safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
-                stem = out / output_stem(p, root)
-                viz.save_png((full[c].clamp(0, 1).numpy() * 255).round().astype(np.uint8),
-                             stem.parent / f"{stem.name}_{safe}_mask.png")
-                viz.save_png(viz.overlay(img, full[c]), stem.parent / f"{stem.name}_{safe}_overlay.png")
-                entries.append({"class": name, "index": c, "probability": float(pr[c]),
-                                "mask_area": float(full[c].mean())})
-            report[str(p.relative_to(root) if root is not None else p)] = {"top_classes": entries}
-    atomic_write_text(out / "explanations.json", json.dumps(report, indent=1))
+        good, xs = [], []
+        for p, key in zip(images[i:i + batch_size], keys[i:i + batch_size]):
+            try:
+                xs.append(read_image(p))
+                good.append((p, key))
+            except (ValueError, OSError) as err:
+                report[key] = {"error": str(err)}
+                print(f"explain: skipped {key}: {err}", file=sys.stderr)
+        if not good:
+            continue
+        e = module.explanation(xs, top_k=k, size=size)
+        for (p, key), img, masks, classes, probs in zip(good, xs, e.masks, e.classes, e.probabilities):
+            report[key] = _write(module, img, masks.cpu(), classes, probs.cpu(), out / output_stem(p, root))
+    report = {key: report[key] for key in keys}  # in the order of the files
+    atomic_write_text(out / REPORT, json.dumps(report, indent=1))
     return report
+
+
+def exit_code(report: dict, out: str | os.PathLike, skip_bad: bool = False, what: str = "masks") -> int:
+    """Print what was written and which files could not be read; 1 if any could not (0 with ``skip_bad``)."""
+    failed = [k for k, v in report.items() if "error" in v]
+    print(f"wrote {what} of {len(report) - len(failed)} image(s) to {out}")
+    if not failed:
+        return 0
+    print(f"{'warning' if skip_bad else 'error'}: {len(failed)} of {len(report)} file(s) could not be read "
+          f"(listed with their reasons in {Path(out) / REPORT}): {', '.join(failed)}", file=sys.stderr)
+    return 0 if skip_bad else 1

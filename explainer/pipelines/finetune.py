@@ -19,23 +19,23 @@ from jsonargparse.typing import PositiveInt
 
 from explainer.core.io import atomic_write_text
 from explainer.data.voc import find_voc_root
+from explainer.explainers.explanation import ExplainsImages
 from explainer.explainers.loading import load
 from explainer.explainers.ltx import FINETUNE_PRESETS, OBJECTIVE_KEYS, check_module, finetune, finetune_settings
 from explainer.pipelines.args import parse
-from explainer.pipelines.explain_files import explain_files, list_images
+from explainer.pipelines.explain_files import exit_code, explain_files, list_images
 
 
-class FinetunedExplainer:
-    """What :func:`explain_files` needs, with LTX masks: ``explain(x) -> (B, C, H, W)``.
+class FinetunedExplainer(ExplainsImages):
+    """A pretrained LTX explainer finetuned on each image: :meth:`explanation` as every trained explainer's.
 
-    The channels of each image's ``top_k`` classes (by the classifier's probability, the classes
-    ``explain_files`` writes) hold finetuned masks, one finetuning run per rank; the other channels are zero.
-    ``settings``: complete finetuning settings (:func:`explainer.explainers.ltx.finetune_settings`).
+    Each chosen class of each image gets its own finetuning run (one run per rank of the classes, the images of
+    a batch together); ``settings``: complete finetuning settings (:func:`explainer.explainers.ltx.finetune_settings`).
     """
 
-    def __init__(self, module, settings: dict[str, Any], top_k: int = 1, batch_size: int = 16):
+    def __init__(self, module, settings: dict[str, Any], batch_size: int = 16):
         check_module(module)
-        self.module, self.settings, self.top_k, self.batch_size = module, settings, top_k, batch_size
+        self.module, self.settings, self.batch_size = module, settings, batch_size
         self.explanandum = module.explanandum
         self.input_size = getattr(module, "input_size", None)
 
@@ -43,16 +43,14 @@ class FinetunedExplainer:
     def device(self) -> torch.device:
         return self.module.device
 
-    def explain(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.explanandum
-        with torch.no_grad():
-            probs = f.probabilities(f(x.to(self.device)))
-        k = max(1, min(self.top_k, f.num_classes))
-        top = probs.topk(k, dim=1).indices.to(x.device)
-        masks = torch.zeros(x.shape[0], f.num_classes, *x.shape[-2:], device=x.device)
-        for j in range(k):
-            m = finetune(self.module, x, top[:, j], batch_size=self.batch_size, **self.settings)
-            masks.scatter_(1, top[:, j].view(-1, 1, 1, 1).expand(-1, 1, *x.shape[-2:]), m)
+    def selected_masks(self, x: torch.Tensor, classes: list[torch.Tensor]) -> list[torch.Tensor]:
+        masks = [torch.zeros(len(c), *x.shape[-2:], device=x.device) for c in classes]
+        for j in range(max(len(c) for c in classes)):
+            idx = [i for i, c in enumerate(classes) if len(c) > j]
+            m = finetune(self.module, x[idx], torch.stack([classes[i][j] for i in idx]), batch_size=self.batch_size,
+                         **self.settings)
+            for i, mi in zip(idx, m.to(x.device)):
+                masks[i][j] = mi[0]
         return masks
 
 
@@ -109,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
                          "Explainer checkpoint has nothing to finetune; use python -m explainer explain)")
     settings = finetune_settings(module, a["preset"], steps=a["steps"], lr=a["lr"], mode=a["mode"],
                                  objective=a["objective"])
-    files = list_images(a["images"]) if a["images"] is not None else split_images(a["voc_root"], a["split"])
+    files = (list_images(a["images"], exclude=a["out"]) if a["images"] is not None
+             else split_images(a["voc_root"], a["split"]))
     if a["limit"] is not None:
         files = files[:a["limit"]]
-    wrapped = FinetunedExplainer(module, settings, top_k=a["top_k"], batch_size=a["batch_size"])
+    wrapped = FinetunedExplainer(module, settings, batch_size=a["batch_size"])
     t0 = time.perf_counter()
-    explain_files(wrapped, files, a["out"], top_k=a["top_k"], batch_size=a["batch_size"], size=a["size"],
-                  progress=a["progress"])
+    report = explain_files(wrapped, files, a["out"], top_k=a["top_k"], batch_size=a["batch_size"], size=a["size"],
+                           progress=a["progress"])
     seconds = time.perf_counter() - t0
     record = {**a, **{k: settings[k] for k in ("steps", "lr", "mode")}}
     record.update({"num_images": len(files), "seconds_per_image": seconds / max(1, len(files)),
@@ -123,5 +122,4 @@ def main(argv: list[str] | None = None) -> int:
                    "target_mode": settings["mode"] or module.hparams.target,
                    "presets": sorted(FINETUNE_PRESETS)})
     atomic_write_text(Path(a["out"]) / "finetune.json", json.dumps(record, indent=1))
-    print(f"wrote LTX masks ({settings['steps']} steps) of {len(files)} image(s) to {a['out']}")
-    return 0
+    return exit_code(report, a["out"], what=f"LTX masks ({settings['steps']} steps)")
