@@ -9,7 +9,8 @@ dataset split, distributed with Lightning's ``Trainer.predict``, written as a re
 section itself; the split is taken as that datamodule gives it (its ``limit_<split>`` subset included) without
 augmentation. Shard ``k`` holds the images at positions ``[k S, (k + 1) S)``; process ``r`` of ``R`` computes
 the shards ``k`` with ``k mod R = r``, so any number of processes writes the same files. Shards already on disk
-are skipped (resume after a kill: a shard appears complete or not at all), and a cache made with another
+are verified and skipped (resume after a kill: a shard appears complete or not at all; a damaged one, e.g.
+truncated, is named on stderr and computed again), and a cache made with another
 method, options, explanandum, split, targets, resolution or dtype is refused. The format:
 :mod:`explainer.explainers.cache`.
 """
@@ -17,6 +18,7 @@ method, options, explanandum, split, targets, resolution or dtype is refused. Th
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -34,8 +36,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from explainer.core.imports import import_object
 from explainer.core.maps import minmax_normalize, upsample
 from explainer.core.targets import predicted_classes
+from explainer.explainers import cache
 from explainer.explainers.base import fingerprint
-from explainer.explainers.cache import DTYPES, TARGETS, done_shards, read_manifest, write_manifest, write_shard
+from explainer.explainers.cache import DTYPES, TARGETS, read_manifest, write_manifest, write_shard
 from explainer.explanandum import load_explanandum
 from explainer.methods import base as method_registry
 from explainer.pipelines.args import parse
@@ -184,6 +187,19 @@ def check_resume(out: Path, manifest: dict[str, Any]) -> None:
                          "use another --out, or the same settings to resume it")
 
 
+def sound_shards(out: Path, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The shards already in ``out`` that pass verification (their file records); damaged ones are named on
+    stderr (they are computed again, the atomic write replacing them)."""
+    if not out.is_dir():
+        return {}
+    old = read_manifest(out) if (out / "manifest.json").is_file() else {}
+    good, bad = cache.verify_shards(out, manifest, old.get("shards"))
+    for k, why in bad.items():
+        print(f"attribute: shard {str(cache.shard_path(out, k))!r} is damaged ({why}); computing it again",
+              file=sys.stderr)
+    return good
+
+
 def attribute(method: str, data: str | dict, split: str, out: str | Path, options: dict | None = None,
               explanandum: str | None = None, targets: str = "present", resolution: int | None = None,
               dtype: str = "fp16", shard_size: int = 32, trainer: dict | None = None,
@@ -212,11 +228,12 @@ def attribute(method: str, data: str | dict, split: str, out: str | Path, option
                 "explanandum": {"spec": f.spec, "fingerprint": fingerprint(m.f)},
                 "class_names": list(m.f.class_names)}
     check_resume(out, manifest)
+    known = sound_shards(out, manifest)
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, manifest)
     for stale in out.glob(".shard-*.tmp"):  # a write this command started and a kill interrupted
         stale.unlink()
-    done = done_shards(out, manifest["num_shards"])
+    done = set(known)
     task = AttributionTask(m, targets, manifest["resolution"])
     tr_kwargs = {"accelerator": "cpu", "devices": 1, **(trainer or {})}
     tr = pl.Trainer(**tr_kwargs, inference_mode=False, use_distributed_sampler=False, logger=False,
@@ -235,7 +252,9 @@ def attribute(method: str, data: str | dict, split: str, out: str | Path, option
             seconds = time.perf_counter() - t0
             manifest["last_run"] = {"images": todo, "seconds": seconds, "seconds_per_image": seconds / todo,
                                     "processes": tr.world_size}
-            write_manifest(out, manifest)
+    if tr.is_global_zero:  # each shard's size and sha256, checked by MapCache and by the next run
+        manifest["shards"] = cache.shard_table(out, manifest, known)
+        write_manifest(out, manifest)
     return manifest
 
 
