@@ -52,7 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import explainer  # noqa: E402
 from explainer.explainers import LTXModule  # noqa: E402
-from explainer.explainers.ltx import _finetuning, finetune, finetune_loop  # noqa: E402
+from explainer.explainers.ltx_finetune import finetune, finetune_loop, finetuning_mode  # noqa: E402
 
 
 def settings(size: int):
@@ -72,7 +72,8 @@ def shared_weights(m, x, t, steps: int, objective: dict | None = None) -> None:
     """The ceiling of batching on this machine: the same steps on the same B images with ONE explainer
     shared by all of them (an ordinary batched training step; not LTX, whose copies are per image)."""
     f, size = m.explanandum, x.shape[-2:]
-    with _finetuning(m, objective):
+    settings = m.objective_settings(**(objective or {}))
+    with finetuning_mode(m):
         net = m.net
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, foreach=False)
         with torch.no_grad():
@@ -82,7 +83,7 @@ def shared_weights(m, x, t, steps: int, objective: dict | None = None) -> None:
         saved = {k: v.clone() for k, v in net.state_dict().items()}
         for _ in range(steps):
             z = m.mask_logits(x).gather(1, idx)
-            loss = m.objective(x, z, onehot, logits)["loss"].sum()
+            loss = m.objective(x, z, onehot, logits, settings=settings)["loss"].sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

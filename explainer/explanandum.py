@@ -17,12 +17,13 @@ statistics drift during explainer training; this cannot).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -79,6 +80,17 @@ class Explanandum(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         return self
+
+    @contextlib.contextmanager
+    def unchecked(self) -> Iterator["Explanandum"]:
+        """Input checks off inside the block (tight loops over images the caller built from checked ones);
+        the previous setting restored on exit."""
+        old = self.validate
+        self.validate = False
+        try:
+            yield self
+        finally:
+            self.validate = old
 
     # ---- forward --------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Mask losses of the Explainer (Stalder et al., NeurIPS 2022) and LTX (Barkan et al., 2023).
+"""Mask losses of the Explainer (Stalder et al., NeurIPS 2022), LTX (Barkan et al., 2023) and distillation.
 
 Shapes: masks ``(B, K, H, W)`` in [0, 1]; logits ``(B, C)``; labels multi-hot ``(B, C)``.
 """
@@ -6,9 +6,12 @@ Shapes: masks ``(B, K, H, W)`` in [0, 1]; logits ``(B, C)``; labels multi-hot ``
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from explainer.core.masking import apply_mask
 
 NEG = -1e4  # stands for -inf in masked maxima (keeps gradients finite)
 
@@ -198,6 +201,85 @@ def inverse_mask_loss(logits_inverse: torch.Tensor, targets: torch.Tensor, multi
         logp = F.log_softmax(li, 1)
         nll = -torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
     return _reduce((nll * targets.float()).sum(1), reduction)
+
+
+# ---- the curve term: LTX's finetuning objective and distillation -----------------------------------------
+CURVE_AREAS, CURVE_TEMPERATURE = (0.05, 0.1, 0.25, 0.5), 0.1
+CURVE_PARTS = ("both", "keep", "lose")
+
+
+def check_curve_settings(areas: Any, temperature: Any) -> None:
+    """``areas``: a non-empty list of fractions in (0, 1); ``temperature``: a number > 0."""
+    if not isinstance(areas, (list, tuple)) or not areas or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in areas):
+        raise ValueError(f"curve_areas: expected a non-empty list of fractions in (0, 1), got {areas!r}")
+    t = temperature
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0 or t == float("inf"):
+        raise ValueError(f"curve_temperature: expected a number > 0, got {t!r}")
+
+
+class CurveTerm(NamedTuple):
+    """What :func:`curve_term` read in its one explanandum pass.
+
+    ``keep`` (A, P): ``D`` of the image kept by the soft top ``a`` of each map, per area and row; ``lose``
+    (A, P): the inverse term of the image without it; None when the area list or that half is left out.
+    ``kept`` and ``removed``: the same two losses, (P,) each, of the extra masks given to :func:`curve_term`.
+    """
+
+    keep: torch.Tensor | None
+    lose: torch.Tensor | None
+    kept: list[torch.Tensor]
+    removed: list[torch.Tensor]
+
+    def per_row(self) -> torch.Tensor:
+        """(P,): the halves added, averaged over the areas (LTX's per-image term)."""
+        halves = [h for h in (self.keep, self.lose) if h is not None]
+        return (halves[0] + halves[1] if len(halves) == 2 else halves[0]).mean(0)
+
+    def mean(self) -> torch.Tensor:
+        """The mean of each half over areas and rows, added (distillation's term)."""
+        total = 0.0
+        for half in (self.keep, self.lose):
+            if half is not None:
+                total = total + half.mean()
+        return total
+
+
+def curve_term(f: Any, x: torch.Tensor, z: torch.Tensor, targets: torch.Tensor, baseline: str,
+               areas: Sequence[float] = CURVE_AREAS, temperature: float = CURVE_TEMPERATURE, parts: str = "both",
+               *, mode: str = "groundtruth", reference: torch.Tensor | None = None,
+               classes: torch.Tensor | None = None, also_keep: Sequence[torch.Tensor] = (),
+               also_lose: Sequence[torch.Tensor] = ()) -> CurveTerm:
+    """The curve term: the soft top ``a`` of each map (:func:`soft_top_area`), for each area ``a``, must keep
+    the target classes (``D`` = :func:`counterfactual_loss`) and the image without it must lose them
+    (:func:`inverse_mask_loss`): what insertion and deletion curves read, as a differentiable loss.
+
+    One pass of the explanandum over every masked image, those of ``also_keep`` and ``also_lose`` (masks the
+    caller's own terms read, such as LTX's mask and its inverse term) first.
+
+    Args:
+        f: the explanandum (logits of images in [0, 1]; ``multilabel`` and ``mean`` attributes).
+        x: images (P, 3, H, W); z: mask logits (P, 1, H, W); targets: multi-hot (P, C).
+        baseline: the masking baseline (:func:`explainer.core.masking.apply_mask`).
+        areas, temperature: the soft top areas and their temperature (``()``: no curve term, only the extras).
+        parts: "both", "keep" (what insertion reads) or "lose" (what deletion reads).
+        mode, reference, classes: ``D``'s mode, target (None: ``targets``) and classes
+            (see :func:`counterfactual_loss`).
+    """
+    if parts not in CURVE_PARTS:
+        raise ValueError(f"curve_parts: expected one of {CURVE_PARTS}, got {parts!r}")
+    tops = [soft_top_area(z, float(a), temperature) for a in areas]
+    keep = list(also_keep) + (tops if parts != "lose" else [])
+    lose = list(also_lose) + (tops if parts != "keep" else [])
+    images = [apply_mask(x, m, baseline, f.mean) for m in keep] + [apply_mask(x, 1 - m, baseline, f.mean)
+                                                                   for m in lose]
+    outs = f(torch.cat(images)).chunk(len(images))
+    ref = targets if reference is None else reference
+    d = [counterfactual_loss(o, ref, mode, f.multilabel, "none", classes=classes) for o in outs[:len(keep)]]
+    inv = [inverse_mask_loss(o, targets, f.multilabel, reduction="none") for o in outs[len(keep):]]
+    nk, nl = len(also_keep), len(also_lose)
+    return CurveTerm(torch.stack(d[nk:]) if len(d) > nk else None, torch.stack(inv[nl:]) if len(inv) > nl else None,
+                     d[:nk], inv[:nl])
 
 
 # ---- distillation: a student's mask logits against a teacher's maps ------------------------------------

@@ -45,19 +45,17 @@ from explainer import losses
 from explainer.core.maps import minmax_normalize, upsample
 from explainer.explainers.base import TrainedExplainer, register_kind
 from explainer.explainers.cache import MapCache
-from explainer.explainers.explainer import check_explainer_objective, explainer_objective, pick_present
+from explainer.explainers.explainer import check_explainer_objective, explainer_objective, pick_present, step_hash
 from explainer.explainers.loading import read_meta
+from explainer.losses import CURVE_AREAS, CURVE_PARTS, CURVE_TEMPERATURE
 from explainer.methods import base as method_registry
 from explainer.nets.segmentation import build_mask_net
-
-CURVE_AREAS, CURVE_TEMPERATURE = (0.05, 0.1, 0.25, 0.5), 0.1
-CURVE_PARTS = ("both", "keep", "lose")
 
 
 def joint_augment(x: torch.Tensor, maps: list[torch.Tensor], index: torch.Tensor, step: int,
                   rotate: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Flip and rotate each image and its maps alike; the choice is a hash of (dataset index, step) only."""
-    key = (index.long().cpu() * 1000003 + step * 104729) * 2654435761 % 4294967291
+    key = step_hash(index.cpu(), step)
     xs, ms = [], []
     for b in range(x.shape[0]):
         k = int(key[b])
@@ -132,8 +130,7 @@ class DistillModule(TrainedExplainer):
                         ("lambda_explainer", lambda_explainer), ("map_top_weight", map_top_weight)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
-        if not curve_areas or not all(0 < float(a) < 1 for a in curve_areas):
-            raise ValueError(f"curve_areas: expected fractions in (0, 1), got {curve_areas!r}")
+        losses.check_curve_settings(curve_areas, curve_temperature)
         if output_grid is not None and (isinstance(output_grid, bool) or not isinstance(output_grid, int)
                                         or output_grid < 1):
             raise ValueError(f"output_grid: expected None or an integer >= 1, got {output_grid!r}")
@@ -154,6 +151,7 @@ class DistillModule(TrainedExplainer):
             self._init_from(init_from)
         self._cache: MapCache | None = None
         self._teacher = None
+        self.output_grid = output_grid  # what the masks are averaged over at inference (a method may replace it)
 
     def _init_from(self, path: str) -> None:
         meta, sd = read_meta(Path(path))
@@ -172,7 +170,7 @@ class DistillModule(TrainedExplainer):
     def class_masks(self, x: torch.Tensor) -> torch.Tensor:
         """Per-class masks (B, C, H, W) in [0, 1], averaged over ``output_grid`` cells when it is set."""
         s = torch.sigmoid(self.mask_logits(x))
-        return grid_smooth(s, self.hparams.output_grid)
+        return grid_smooth(s, self.output_grid)
 
     # ---- the teacher ------------------------------------------------------------------
     def teacher_maps(self, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -246,20 +244,9 @@ class DistillModule(TrainedExplainer):
     def _curve(self, x: torch.Tensor, z: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         """The soft top-a masks must keep the class; the image without them must lose it (one explanandum pass);
         ``curve_parts`` keeps one half."""
-        hp, f = self.hparams, self.explanandum
-        parts = hp.curve_parts
-        tops = [losses.soft_top_area(z, float(a), hp.curve_temperature) for a in hp.curve_areas]
-        keep = [self.mask(x, m) for m in tops] if parts != "lose" else []
-        lose = [self.mask(x, 1 - m) for m in tops] if parts != "keep" else []
-        outs = f(torch.cat(keep + lose)).chunk(len(keep) + len(lose))
-        total = 0.0
-        if keep:
-            total = total + torch.stack([losses.counterfactual_loss(o, onehot, "groundtruth", f.multilabel, "none")
-                                         for o in outs[:len(keep)]]).mean()
-        if lose:
-            total = total + torch.stack([losses.inverse_mask_loss(o, onehot, f.multilabel, reduction="none")
-                                         for o in outs[len(keep):]]).mean()
-        return total
+        hp = self.hparams
+        return losses.curve_term(self.explanandum, x, z, onehot, self.baseline, hp.curve_areas, hp.curve_temperature,
+                                 hp.curve_parts).mean()
 
     def validation_step(self, batch, batch_idx):
         out = self.compute_losses(batch)

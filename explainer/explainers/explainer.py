@@ -28,6 +28,17 @@ from explainer.explainers.base import TrainedExplainer, register_kind
 from explainer.nets.segmentation import build_mask_net
 
 
+def step_hash(index: torch.Tensor, step: int, salt: torch.Tensor | int = 0) -> torch.Tensor:
+    """An integer hash of (dataset index, training step[, salt]), elementwise, in int64 arithmetic (which wraps
+    around for large indexes) and in [0, 4294967291).
+
+    What a training step draws per image (the class :func:`pick_present` picks, the flips and rotations of
+    :func:`explainer.explainers.distill.joint_augment`) is a function of this alone, never of the batch or the
+    process: resumed runs repeat it and DDP runs match a single process.
+    """
+    return ((index.long() * 1000003 + salt * 7919 + step * 104729) * 2654435761) % 4294967291
+
+
 def pick_present(present: torch.Tensor, index: torch.Tensor, step: int) -> torch.Tensor:
     """One present class per image, pseudo-random in (dataset index, step) only.
 
@@ -35,8 +46,7 @@ def pick_present(present: torch.Tensor, index: torch.Tensor, step: int) -> torch
     runs that match a single process rely on it. (B, C) bool -> (B,) long.
     """
     C = present.shape[1]
-    key = index.long().view(-1, 1) * 1000003 + torch.arange(C, device=present.device).view(1, -1) * 7919 + step * 104729
-    key = (key * 2654435761) % 4294967291  # an integer hash per (image, class, step)
+    key = step_hash(index.view(-1, 1), step, torch.arange(C, device=present.device).view(1, -1))  # (image, class)
     score = torch.where(present, key.float(), torch.full_like(key, -1, dtype=torch.float32))
     return score.argmax(1)
 

@@ -66,7 +66,7 @@ class DistilledMethod(TrainedExplainerMethod):
         if output_grid is not None:
             if isinstance(output_grid, bool) or not isinstance(output_grid, int) or output_grid < 0:
                 raise ValueError(f"output_grid: expected None or an integer >= 0, got {output_grid!r}")
-            self.module.hparams.output_grid = output_grid or None
+            self.module.output_grid = output_grid or None
 
 
 @register("ltx")

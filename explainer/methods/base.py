@@ -213,13 +213,10 @@ def run_expanded(f: nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:
 
 @contextlib.contextmanager
 def no_validation(f: Explanandum) -> Iterator[Explanandum]:
-    """Switch off the explanandum's per-call input checks inside tight loops (the method built the inputs)."""
-    old = getattr(f, "validate", True)
-    f.validate = False
-    try:
+    """Switch off the explanandum's per-call input checks inside tight loops (the method built the inputs):
+    :meth:`Explanandum.unchecked`."""
+    with f.unchecked():
         yield f
-    finally:
-        f.validate = old
 
 
 # ----------------------------------------------------------------------------------------------- helpers --
