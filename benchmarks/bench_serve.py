@@ -1,4 +1,4 @@
-"""Served explanations against in-process ``explain()``: throughput and latency of ``explainer.pipelines.serve``.
+"""Served explanations against in-process ``explain()``: throughput and latency of ``explainer.serving``.
 
     flock /tmp/heavy.lock python benchmarks/bench_serve.py \\
         [--checkpoint checkpoints/synthetic_explainer.safetensors] [--images 64] [--requests 384]

@@ -20,7 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("explainer.pipelines.evaluate", "methods x metrics on a dataset -> results.json/.md/.png"),
     "export": ("explainer.pipelines.export", "an explainer to safetensors or ONNX, a classifier to safetensors"),
     "attribute": ("explainer.pipelines.attribute", "a method's maps over a dataset split, sharded and resumable"),
-    "serve": ("explainer.pipelines.serve", "an explainer over HTTP (LitServe, dynamic batching)"),
+    "serve": ("explainer.serving.cli", "an explainer over HTTP (LitServe, dynamic batching)"),
     "report": ("explainer.pipelines.report", "docs/RESULTS.md from results.json files"),
     "quickstart": ("explainer.pipelines.quickstart", "the main job on the embedded default"),
 }

@@ -1,4 +1,4 @@
-"""The HTTP server (explainer.pipelines.serve): its checks as plain functions, then the real server as clients use it.
+"""The HTTP server (explainer.serving): its checks as plain functions, then the real server as clients use it.
 
 The server tests start ``python -m explainer serve`` in subprocesses (torch and
 ONNX backends, started together once for the module) on 127.0.0.1 and a free
@@ -20,11 +20,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import explainer
-from explainer.pipelines import serve
+from explainer import serving as serve
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "synthetic_explainer.safetensors"
@@ -256,19 +255,9 @@ def model():
 
 
 def reference(model, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """In-process masks (C, H, W) and probabilities (C,) of image bytes: resized to 128 and back, as served."""
-    a = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
-    x = torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255
-    H, W = a.shape[:2]
-    xs = x if (H, W) == (128, 128) else F.interpolate(x, size=(128, 128), mode="bilinear", align_corners=False,
-                                                      antialias=True).clamp(0, 1)
-    m = model.explain(xs)
-    if (H, W) != (128, 128):
-        m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-    f = model.explanandum
-    with torch.inference_mode():
-        p = f.probabilities(f(xs))
-    return m[0].numpy(), p[0].numpy()
+    """In-process masks (C, H, W) and probabilities (C,) of image bytes: the shared path (``explanation()``)."""
+    e = model.explanation([serve.decode_image(data)])
+    return e.masks[0].numpy(), e.probabilities[0].numpy()
 
 
 def post(url: str, **kw) -> httpx.Response:
@@ -338,14 +327,9 @@ def test_64_concurrent_clients_are_batched(servers, model):
     images = [png(noise(32, 32, 100 + i)) for i in range(64)]
     answers = asyncio.run(_many(url, [{"image": b64(d), "top_k": 2} for d in images]))
     after = httpx.get(url + "/info").json()["batches"]
-    # a plain in-process batch: the 64 images at 128 px, one explain() call
-    x = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(d)))).permute(2, 0, 1).float() / 255
-                     for d in images])
-    xs = F.interpolate(x, size=(128, 128), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-    m = F.interpolate(model.explain(xs), size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
-    f = model.explanandum
-    with torch.inference_mode():
-        p = f.probabilities(f(xs)).numpy()
+    # a plain in-process batch: the 64 images, one explanation() call
+    e = model.explanation(torch.stack([serve.decode_image(d) for d in images]))
+    m, p = e.masks, e.probabilities.numpy()
     for i, r in enumerate(answers):
         assert r.status_code == 200, r.text
         top = [int(c) for c in np.argsort(-p[i], kind="stable")[:2]]
