@@ -28,6 +28,7 @@ from explainer.core.registry import Registry
 from explainer.core.targets import check_targets
 from explainer.data.resume import ExactResume
 from explainer.explainers.explanation import ExplainsImages
+from explainer.explainers.integrity import NonFiniteError, check_class_names, diverged, nonfinite_tensors, unusable
 from explainer.explanandum import Explanandum, load_explanandum
 
 CHECKPOINT_FORMAT = "explainer.checkpoint/1"
@@ -155,7 +156,18 @@ class TrainedExplainer(pl.LightningModule, ExplainsImages):
         ``net`` replaces ``self.net`` (e.g. a finetuned copy of it).
         """
         S = (self.net if net is None else net)(self.net_input(x))
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing()  # an export: no data-dependent branch
+        if not traced and not bool(torch.isfinite(S).all()):
+            raise self.nonfinite("the masks are not finite (NaN or inf mask logits)")
         return self.to_size(S, x.shape[-2:])
+
+    def nonfinite(self, what: str) -> Exception:
+        """The error for weights gone non-finite: a diverged training while fitting, else a refusal."""
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            opts = self.trainer.optimizers
+            return diverged(self.global_step, opts[0].param_groups[0]["lr"] if opts else self.lr, what)
+        return NonFiniteError(f"explainer: {what}; its weights are unusable (the training that wrote them "
+                              "diverged?)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mask_logits(x)
@@ -231,6 +243,8 @@ class TrainedExplainer(pl.LightningModule, ExplainsImages):
 
     def training_step(self, batch, batch_idx):
         out = self.compute_losses(batch)
+        if not bool(torch.isfinite(out["loss"]).all()):
+            raise self.nonfinite(f"the loss is {out['loss'].item()}")
         self.log_dict({f"train/{k}": v for k, v in out.items() if not k.startswith("_")}, on_step=True,
                       on_epoch=True, sync_dist=True, batch_size=batch["image"].shape[0])
         return out["loss"]
@@ -271,10 +285,22 @@ class TrainedExplainer(pl.LightningModule, ExplainsImages):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        why = unusable(self)  # a checkpoint of diverged weights is never written
+        if why:
+            raise self.nonfinite(f"{why}; no checkpoint written")
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith("explanandum.")]:
             del sd[k]
         checkpoint["explainer_meta"] = self.export_metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming or ``load_from_checkpoint``: the recorded class names must be the classifier's, the weights
+        finite."""
+        check_class_names(checkpoint.get("explainer_meta") or {}, self.class_names, "checkpoint",
+                          self.explanandum.spec)
+        bad = nonfinite_tensors(checkpoint.get("state_dict") or {})
+        if bad:
+            raise NonFiniteError(f"checkpoint: refused: its weights are not finite (NaN or inf in {bad[:5]})")
 
     def export_metadata(self) -> dict[str, Any]:
         """Self-description written into checkpoints and exports (plain JSON types)."""

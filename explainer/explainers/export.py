@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from explainer.core.io import atomic_path, atomic_save_safetensors
+from explainer.explainers.integrity import check_usable
 from explainer.explainers.loading import load
 from explainer.explanandum import load_explanandum, save_explanandum
 
@@ -32,6 +33,7 @@ class AllClassMasks(nn.Module):
 
 
 def export_safetensors(module, out: str | os.PathLike) -> Path:
+    check_usable(module, "export")
     meta = module.export_metadata()
     sd = {k: v for k, v in module.state_dict().items() if not k.startswith("explanandum.")}
     return atomic_save_safetensors(sd, out, {"explainer": json.dumps(meta)})
@@ -39,6 +41,7 @@ def export_safetensors(module, out: str | os.PathLike) -> Path:
 
 def export_onnx(module, out: str | os.PathLike, input_size: int | None = None, opset: int = 18) -> Path:
     """ONNX graph of all-class masks, dynamic batch, fixed input resolution (``input_size``)."""
+    check_usable(module, "export")
     size = int(input_size or getattr(module, "input_size", None) or 128)
     wrapper = AllClassMasks(module.cpu().eval()).eval()
     x = torch.rand(2, 3, size, size)
