@@ -71,6 +71,12 @@ class Registry(Mapping[str, T], Generic[T]):
     def __getitem__(self, name: str) -> T:
         return self.get(name)
 
+    def __contains__(self, name: object) -> bool:
+        try:
+            return name in self._items
+        except TypeError:  # unhashable: never a name
+            return False
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 

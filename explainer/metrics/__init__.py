@@ -25,7 +25,18 @@ iou_fixed          higher    IoU over thresholds 0.1..0.9 (Explainer)
 pixel_ap           higher    average precision of the soft map
 pixel_auroc        higher    ROC-AUC of the soft map (Explainer)
 randomization_...  lower     Adebayo sanity check: rank correlation
+deletion_auc_nli   lower     deletion with removed pixels filled by ROAD's imputation
+insertion_auc_nli  higher    insertion, the same fill (also ``_blur`` for both)
+iou                higher    foreground IoU against the class region
+boundary_f1        higher    DAVIS boundary F (2 px) against the class region
+energy_pointing    higher    share of the map's mass inside the class region
+wrong_object       lower     share of maps peaking on an object of another class
 ================== ========= =================================================
+
+Thresholded metrics (``pixel_accuracy``, ``miou``, ``f1``, ``iou``,
+``boundary_f1``) take the option ``threshold``: ``"mean"`` (default), a
+number, or ``"val"`` (one per method, chosen on validation images by
+``evaluate``; see :mod:`explainer.metrics.localization_specs`).
 
 Per-map helpers against object regions (the class's pixels and the void band next to them), for model
 selection: :mod:`explainer.metrics.regions` (``energy_pointing``, ``iou``, ``boundary_f1``, ``wrong_object``,
@@ -67,15 +78,14 @@ from explainer.metrics.regions import (
 from explainer.metrics.registry import (
     DEFAULT_METRICS,
     METRICS,
-    MetricSpec,
     MetricTracker,
-    PairBatch,
     available,
     describe,
     get,
 )
 from explainer.metrics.road import linear_impute, noisy_linear_impute, road_lerf, road_morf
 from explainer.metrics.sanity import model_randomization, randomize_explanandum, rank_correlation
+from explainer.metrics.spec import MethodContext, MetricSkipped, MetricSpec, PairBatch, Prepared
 
 __all__ = ["pointing_accuracy", "pointing_game", "segmentation_stats", "segmentation_summary", "adp_pic",
            "class_specificity", "deletion_auc", "insertion_auc", "neg_auc", "pos_auc", "rise_counts",
@@ -83,4 +93,4 @@ __all__ = ["pointing_accuracy", "pointing_game", "segmentation_stats", "segmenta
            "PairBatch", "available", "describe", "get", "model_randomization", "randomize_explanandum",
            "rank_correlation", "linear_impute", "noisy_linear_impute", "road_morf",
            "road_lerf", "best_threshold", "boundary_f1", "choose_threshold", "class_regions", "energy_pointing",
-           "iou", "iou_grid", "wrong_object"]
+           "iou", "iou_grid", "wrong_object", "MethodContext", "MetricSkipped", "Prepared"]

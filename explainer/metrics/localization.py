@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
 from explainer.core.constants import VOID
@@ -23,6 +24,7 @@ from explainer.metrics._common import Target, _shape_of, check_maps, minmax
 
 FIXED_F1_THRESHOLDS = (0.25, 0.5, 0.75)  # the Explainer paper's discrete F1
 FIXED_IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the Explainer paper's IoU
+VOID_BAND = 5  # default reach of an object into the void next to it, pixels (the width of VOC's band)
 
 
 def _check_gt(maps: torch.Tensor, gt: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +49,35 @@ def foreground(gt: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, to
     known = gt != VOID
     fg = (gt == target.view(-1, 1, 1) + 1) & known
     return fg, known
+
+
+def _grow(seed: torch.Tensor, void: torch.Tensor, steps: int) -> torch.Tensor:
+    """``seed`` bool (N, H, W) grown into ``void`` by up to ``steps`` 8-connected steps (through void only)."""
+    m = seed
+    for _ in range(steps):
+        grown = m | ((F.max_pool2d(m[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0) & void)
+        if torch.equal(grown, m):
+            break
+        m = grown
+    return m
+
+
+def class_regions(gt: torch.Tensor, target: torch.Tensor, void_band: int = VOID_BAND
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(region, other, known)`` bool (N, H, W) for ``gt`` (N, H, W) long and ``target`` (N,) long.
+
+    ``region``: the class's pixels and the void pixels they reach through void in at most ``void_band``
+    8-connected steps (the void band along an outline belongs to the object; between two objects, to both);
+    ``other``: objects of other classes, grown the same way, outside ``region``; ``known``: every pixel but
+    the void that no object reaches. ``void_band=0`` is :func:`foreground`'s rule (void ignored).
+    """
+    if not isinstance(void_band, int) or isinstance(void_band, bool) or void_band < 0:
+        raise ValueError(f"void_band: expected an int >= 0 (pixels of void an object reaches), got {void_band!r}")
+    void = gt == VOID
+    own = gt == target.view(-1, 1, 1) + 1
+    region = _grow(own, void, void_band)
+    other = _grow((gt > 0) & ~void & ~own, void, void_band) & ~region
+    return region, other, ~void | region | other
 
 
 def pointing_game(maps: torch.Tensor, gt: torch.Tensor, target: Target, *,
@@ -143,8 +174,14 @@ def _iou(c: torch.Tensor) -> torch.Tensor:
 def segmentation_stats(maps: torch.Tensor, gt: torch.Tensor, target: Target, *, normalize: str = "minmax",
                        f1_thresholds: Sequence[float] = FIXED_F1_THRESHOLDS,
                        iou_thresholds: Sequence[float] = FIXED_IOU_THRESHOLDS,
-                       soft: bool = True) -> dict[str, torch.Tensor]:
+                       soft: bool = True, threshold: str | float = "mean",
+                       void_band: int = 0) -> dict[str, torch.Tensor]:
     """Per-pair statistics of segmentation agreement (see :func:`segmentation_summary`).
+
+    ``threshold`` (``"mean"``, the LTX/IIA rule, or a number) binarises the
+    map for ``tp``...``fn`` and ``f1``; ``void_band`` > 0 counts the void
+    next to an object as that object's (:func:`class_regions`), 0 ignores
+    void.
 
     Returns a dict of (N,) tensors:
 
@@ -163,10 +200,10 @@ def segmentation_stats(maps: torch.Tensor, gt: torch.Tensor, target: Target, *, 
     """
     maps = check_maps(maps, *_shape_of(maps))
     gt, t = _check_gt(maps, gt, target)
-    fg, known = foreground(gt, t)
-    valid = fg.flatten(1).any(1)
+    fg, _, known = class_regions(gt, t, void_band)
+    valid = (gt == t.view(-1, 1, 1) + 1).flatten(1).any(1)
     out: dict[str, torch.Tensor] = {"valid": valid}
-    c = confusion(binarize(maps, "mean", normalize), fg, known)
+    c = confusion(binarize(maps, threshold, normalize), fg, known)
     out.update(tp=c[:, 0], fp=c[:, 1], tn=c[:, 2], fn=c[:, 3], f1=_f1(c))
     if f1_thresholds:
         out["f1_fixed"] = torch.stack([_f1(confusion(binarize(maps, float(th), normalize), fg, known))

@@ -49,46 +49,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from explainer.core.constants import VOID
 from explainer.metrics._common import Target, _shape_of, check_maps, minmax
-from explainer.metrics.localization import _check_gt, binarize
+from explainer.metrics.localization import VOID_BAND, _check_gt, binarize, class_regions
 
 #: the threshold grid of the validated threshold
 VAL_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))
-#: default reach of an object into the void band next to it, pixels
-VOID_BAND = 5
 #: default boundary tolerance, pixels (DAVIS's rule gives the same at 128 x 128)
 BOUNDARY_TOLERANCE = 2
 #: DAVIS's tolerance: this fraction of the image diagonal, rounded up
 DAVIS_FRACTION = 0.008
-
-
-def _grow(seed: torch.Tensor, void: torch.Tensor, steps: int) -> torch.Tensor:
-    """``seed`` bool (N, H, W) grown into ``void`` by up to ``steps`` 8-connected steps (through void only)."""
-    m = seed
-    for _ in range(steps):
-        grown = m | ((F.max_pool2d(m[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0) & void)
-        if torch.equal(grown, m):
-            break
-        m = grown
-    return m
-
-
-def class_regions(gt: torch.Tensor, target: torch.Tensor, void_band: int = VOID_BAND
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(region, other, known)`` bool (N, H, W) for checked ``gt`` (N, H, W) long and ``target`` (N,) long.
-
-    ``region``: the class's pixels and the void next to them; ``other``: objects of other classes (with their
-    void) outside ``region``; ``known``: every pixel but the void that no object reaches.
-    """
-    if not isinstance(void_band, int) or isinstance(void_band, bool) or void_band < 0:
-        raise ValueError(f"void_band: expected an int >= 0 (pixels of void an object reaches), got {void_band!r}")
-    void = gt == VOID
-    own = gt == target.view(-1, 1, 1) + 1
-    objects = (gt > 0) & ~void & ~own
-    region = _grow(own, void, void_band)
-    other = _grow(objects, void, void_band) & ~region
-    return region, other, ~void | region | other
 
 
 def _prepare(maps: torch.Tensor, gt: torch.Tensor, target: Target, void_band: int):

@@ -10,112 +10,36 @@ results files. The evaluator hands the metrics a :class:`PairBatch`: the
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from explainer.core.registry import Registry
-from explainer.metrics import localization as loc
 from explainer.metrics import perturbation as pert
+from explainer.metrics.localization_specs import REGION_SPECS
+from explainer.metrics.localization_specs import SPECS as LOCALIZATION_SPECS
 from explainer.metrics.road import road
-from explainer.metrics.sanity import rank_correlation
+from explainer.metrics.sanity import randomize_explanandum, rank_correlation
+from explainer.metrics.spec import (
+    BASELINE_TEXT,
+    NO_BASELINE,
+    NO_GT_MASKS,
+    TARGET_TEXT,
+    MethodContext,
+    MetricSkipped,
+    MetricSpec,
+    PairBatch,
+    Prepared,
+    Stats,
+    cached,
+    mean_of,
+)
 
-TARGET_TEXT = "the evaluated target class of each (image, class) pair: ground truth or predicted, as configured"
-BASELINE_TEXT = "the configured baseline (mean | black | blur), via explainer.core.masking.apply_mask"
-NO_BASELINE = "none (no perturbation)"
 NLI_TEXT = ("noisy linear imputation (ROAD): each removed pixel the weighted mean of its 8 neighbours, solved as one "
             "sparse system per image and step, plus Gaussian noise (std 0.01 in [0, 1] pixel units unless the "
             "option noise says otherwise), clamped to [0, 1]")
 FILL_TEXT = BASELINE_TEXT + ", unless the metric option fill (mean | black | blur | nli) says otherwise"
-
-
-@dataclass
-class PairBatch:
-    """The (image, class) pairs of one batch, as metrics receive them.
-
-    Attributes:
-        f: the explanandum.
-        x: pair images (N, 3, H, W) in [0, 1] (an image appears once per pair).
-        maps: attribution maps (N, 1, H, W).
-        target: class of each pair, long (N,).
-        image_id: which image each pair belongs to, long (N,) (pairs of one
-            image are grouped by it).
-        gt: ground-truth segmentation (N, H, W) long, or None.
-        has_mask: bool (N,): whether ``gt`` holds ground truth for the pair.
-        baseline: fill of removed pixels (``"mean"``, ``"black"``, ``"blur"``).
-        max_batch: images per forward pass of the explanandum.
-        random_maps: maps of the same method on a randomised explanandum
-            (N, 1, H, W), for the sanity check; None otherwise.
-    """
-
-    f: nn.Module
-    x: torch.Tensor
-    maps: torch.Tensor
-    target: torch.Tensor
-    image_id: torch.Tensor
-    gt: torch.Tensor | None = None
-    has_mask: torch.Tensor | None = None
-    baseline: str = "mean"
-    max_batch: int = 256
-    random_maps: torch.Tensor | None = None
-    cache: dict = field(default_factory=dict)
-
-    def groups(self) -> list[torch.Tensor]:
-        """Indices of the pairs of each image, in order of first appearance."""
-        ids = self.image_id.tolist()
-        order: dict[int, list[int]] = {}
-        for i, k in enumerate(ids):
-            order.setdefault(k, []).append(i)
-        return [torch.tensor(v, device=self.x.device) for v in order.values()]
-
-
-Stats = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """A metric: its name, direction, baseline fill, target, and how to compute it.
-
-    ``compute(batch, options) -> stats`` gives per-item tensors for one
-    batch (concatenated over batches); ``reduce(stats) -> float | None`` the
-    dataset value (None: nothing could be evaluated). ``group`` names a
-    computation shared with other metrics (done once per batch).
-    """
-
-    name: str
-    direction: str
-    baseline: str
-    target: str
-    description: str
-    compute: Callable[[PairBatch, dict], Stats]
-    reduce: Callable[[Stats], float | None]
-    needs_gt_masks: bool = False
-    needs_random_maps: bool = False
-    group: str = ""
-    options: tuple[str, ...] = ()
-
-    def describe(self) -> dict[str, Any]:
-        return {"direction": self.direction, "baseline": self.baseline, "target": self.target,
-                "needs_gt_masks": self.needs_gt_masks, "description": self.description}
-
-
-def _mean(key: str) -> Callable[[Stats], float | None]:
-    def reduce(stats: Stats) -> float | None:
-        v = stats.get(key)
-        if v is None or v.numel() == 0:
-            return None
-        v = v.double()
-        v = v[~torch.isnan(v)]
-        return float(v.mean()) if v.numel() else None
-    return reduce
-
-
-def _cached(batch: PairBatch, key: str, fn: Callable[[], Any]) -> Any:
-    if key not in batch.cache:
-        batch.cache[key] = fn()
-    return batch.cache[key]
+_mean, _cached = mean_of, cached
 
 
 # ---- perturbation metrics ---------------------------------------------------
@@ -183,43 +107,6 @@ def _specificity(b: PairBatch, o: dict) -> Stats:
     return {"value": torch.stack(vals)}
 
 
-# ---- localisation metrics ---------------------------------------------------
-def _gt_or_none(b: PairBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if b.gt is None:
-        return None
-    has = b.has_mask if b.has_mask is not None else torch.ones(b.x.shape[0], dtype=torch.bool, device=b.x.device)
-    # pairs without ground truth: all void, so no pair of them is ever "valid"
-    gt = torch.where(has.view(-1, 1, 1).to(b.gt.device), b.gt, torch.full_like(b.gt, loc.VOID))
-    return gt, has
-
-
-def _pointing(b: PairBatch, o: dict) -> Stats:
-    g = _gt_or_none(b)
-    if g is None:
-        return {}
-    hit, valid = loc.pointing_game(b.maps, g[0], b.target, **o)
-    return {"hit": hit, "valid": valid, "target": b.target}
-
-
-def _pointing_reduce(s: Stats) -> float | None:
-    if not s or not bool(s["valid"].any()):
-        return None
-    return loc.pointing_accuracy(s["hit"], s["valid"], s["target"])
-
-
-def _segmentation(b: PairBatch, o: dict) -> Stats:
-    g = _gt_or_none(b)
-    if g is None:
-        return {}
-    return _cached(b, "segmentation", lambda: loc.segmentation_stats(b.maps, g[0], b.target, **o))
-
-
-def _seg_reduce(name: str) -> Callable[[Stats], float | None]:
-    def reduce(s: Stats) -> float | None:
-        return loc.segmentation_summary(s).get(name) if s else None
-    return reduce
-
-
 # ---- sanity -------------------------------------------------------------------
 def _randomization(b: PairBatch, o: dict) -> Stats:
     if b.random_maps is None:
@@ -228,20 +115,16 @@ def _randomization(b: PairBatch, o: dict) -> Stats:
     return {"value": rank_correlation(b.maps, b.random_maps, absolute=bool(o.get("absolute", False)))}
 
 
-SEG_OPTIONS = ("normalize", "f1_thresholds", "iou_thresholds", "soft")
-_SEG_DESC = {
-    "pixel_accuracy": "pixel accuracy of the map min-max normalised and thresholded at its mean, over the dataset "
-                      "(LTX/IIA)",
-    "miou": "mean over {background, foreground} of the dataset IoU of the mean-thresholded map (LTX/IIA)",
-    "f1": "F1 of the foreground of the mean-thresholded map, mean over pairs",
-    "f1_fixed": "F1 averaged over fixed thresholds {0.25, 0.5, 0.75} of the min-max normalised map "
-                "(Explainer paper)",
-    "iou_fixed": "foreground IoU averaged over thresholds 0.1..0.9 of the min-max normalised map "
-                 "(Explainer paper)",
-    "pixel_ap": "average precision of the soft map against the class's pixels (torchmetrics), mean over pairs",
-    "pixel_auroc": "ROC-AUC of the soft map against the class's pixels (torchmetrics), mean over pairs "
-                   "(Explainer paper)",
-}
+def _randomized_method(ctx: MethodContext, o: dict) -> Prepared:
+    """The method rebuilt on a randomised explanandum; its maps of every batch become ``random_maps``."""
+    f_rand = randomize_explanandum(ctx.f, **{k: o[k] for k in ("cascade", "seed") if k in o})
+    try:
+        method = ctx.rebuild(f_rand)
+    except (ValueError, RuntimeError, TypeError) as err:
+        # e.g. an amortized explainer bound to the trained classifier's weights
+        raise MetricSkipped(f"the method cannot run on a randomised explanandum: {err}") from None
+    return Prepared(inputs=lambda x, t: {"random_maps": ctx.attribute(method, x, t)})
+
 
 _SPECS: list[MetricSpec] = [
     MetricSpec("deletion_auc", "lower", FILL_TEXT, TARGET_TEXT,
@@ -279,18 +162,14 @@ _SPECS: list[MetricSpec] = [
     MetricSpec("class_specificity", "higher", BASELINE_TEXT,
                "the ground-truth classes of images with at least two of them (pairs of one image)",
                "Explainer paper: S[c, t] = p_t(x masked by the map of class c); mean(diag) - mean(off-diag) per "
-               "image, mean over images", _specificity, _mean("value"), options=("normalize",)),
-    MetricSpec("pointing_game", "higher", NO_BASELINE, TARGET_TEXT,
-               "TorchRay pointing game: hit if the map's arg-max lies within 15 px of a pixel of the class "
-               "(void ignored); mean over classes of the hit rate", _pointing, _pointing_reduce,
-               needs_gt_masks=True, options=("tolerance",)),
-    *[MetricSpec(name, "higher", NO_BASELINE, TARGET_TEXT, desc, _segmentation, _seg_reduce(name),
-                 needs_gt_masks=True, group="segmentation", options=SEG_OPTIONS)
-      for name, desc in _SEG_DESC.items()],
+               "image, mean over images", _specificity, _mean("value"), options=("normalize",),
+               skip_reason="needs images with at least two explained classes (target: groundtruth, multi-label)"),
+    *LOCALIZATION_SPECS,
     MetricSpec("randomization_spearman", "lower", NO_BASELINE, TARGET_TEXT,
                "Adebayo et al. model-parameter randomisation: Spearman rank correlation between the maps of the "
                "trained and of the fully re-initialised explanandum, mean over pairs", _randomization,
-               _mean("value"), needs_random_maps=True, options=("absolute", "cascade", "seed")),
+               _mean("value"), options=("absolute", "cascade", "seed"), prepare=_randomized_method,
+               prepare_options=("cascade", "seed")),
 ]
 # deletion and insertion under a fixed fill, beside the configured one (a results table can show both: the fill
 # an explainer trained with and one it never saw)
@@ -301,6 +180,8 @@ for _fill in ("blur", "nli"):
             _base.target, f"{_base.description}; removed pixels filled by {_fill} whatever the configured baseline",
             (lambda fn, fill: lambda b, o: fn(b, {**o, "fill": fill}))(_base.compute, _fill), _base.reduce,
             options=tuple(k for k in _base.options if k != "fill")))
+
+_SPECS += REGION_SPECS
 
 METRICS: Registry[MetricSpec] = Registry("metric")
 for _spec in _SPECS:
@@ -347,6 +228,11 @@ class MetricTracker:
         options: per-metric option dicts keyed by metric name (or by a
             group name, ``"segmentation"`` / ``"adp_pic"``, shared by its
             metrics). Unknown keys raise ValueError.
+
+    Metrics with a ``prepare`` (they need the method object: the sanity
+    check, validated thresholds) get it through :meth:`prepare`, once per
+    method before its batches; :meth:`batch_inputs` then gives the extra
+    :class:`PairBatch` fields they asked for.
     """
 
     def __init__(self, names: list[str], options: dict[str, dict] | None = None):
@@ -371,23 +257,46 @@ class MetricTracker:
             self.options[s.name] = o
         self.stats: dict[str, list[Stats]] = {s.name: [] for s in self.specs}
         self.saw_masks = False
+        self.inputs: list[Callable[[torch.Tensor, torch.Tensor], dict[str, Any]]] = []
+        self.pre_skipped: dict[str, str] = {}
 
-    @property
-    def needs_random_maps(self) -> bool:
-        return any(s.needs_random_maps for s in self.specs)
+    def prepare(self, context: MethodContext) -> dict[str, Any]:
+        """Run the specs' ``prepare`` for one method; returns what they record for its results.
 
-    def random_options(self) -> dict:
-        """Options of the randomisation metric for building the randomised explanandum (cascade, seed)."""
-        o = self.options.get("randomization_spearman", {})
-        return {k: o[k] for k in ("cascade", "seed") if k in o}
+        A metric whose preparation raises :class:`MetricSkipped` is left out (with the reason, in
+        :meth:`compute`'s skipped metrics); option values it returns replace the configured ones.
+        """
+        record: dict[str, Any] = {}
+        for s in list(self.specs):
+            if s.prepare is None:
+                continue
+            try:
+                p = s.prepare(context, self.options[s.name])
+            except MetricSkipped as err:
+                self.pre_skipped[s.name] = str(err)
+                self.specs.remove(s)
+                continue
+            if p is None:
+                continue
+            self.options[s.name] = {**self.options[s.name], **p.options}
+            if p.inputs is not None:
+                self.inputs.append(p.inputs)
+            for k, v in p.record.items():
+                record[k] = {**record[k], **v} if isinstance(v, dict) and isinstance(record.get(k), dict) else v
+        return record
+
+    def batch_inputs(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
+        """The extra :class:`PairBatch` fields the prepared metrics need for these pairs."""
+        out: dict[str, Any] = {}
+        for fn in self.inputs:
+            out.update(fn(x, target))
+        return out
 
     def update(self, batch: PairBatch) -> None:
         if batch.gt is not None and (batch.has_mask is None or bool(batch.has_mask.any())):
             self.saw_masks = True
         for s in self.specs:
-            # cascade and seed of the randomisation check build the randomised explanandum, not the metric
-            opts = {k: v for k, v in self.options[s.name].items()
-                    if not (s.needs_random_maps and k in ("cascade", "seed"))}
+            opts = {k: v for k, v in self.options[s.name].items() if k not in s.prepare_options}
             st = s.compute(batch, opts)
             if st:
                 self.stats[s.name].append(st)
@@ -400,16 +309,10 @@ class MetricTracker:
             st = {k: torch.cat([p[k].reshape(-1).cpu() for p in parts]) for k in parts[0]} if parts else {}
             v = s.reduce(st) if st else None
             if v is None or v != v:
-                if s.needs_gt_masks and not self.saw_masks:
-                    reason = "no ground-truth segmentation masks in the evaluated split"
-                elif s.needs_gt_masks:
-                    reason = "no evaluated pair: the explained classes have no pixels in the ground-truth masks"
-                elif s.name == "class_specificity":
-                    reason = "needs images with at least two explained classes (target: groundtruth, multi-label)"
-                else:
-                    reason = "no pair could be evaluated"
+                reason = NO_GT_MASKS if s.needs_gt_masks and not self.saw_masks else s.skip_reason
                 skipped[s.name] = reason
                 warnings.warn(f"metric {s.name!r} skipped: {reason}", stacklevel=2)
             else:
                 values[s.name] = v
+        skipped.update(self.pre_skipped)
         return values, skipped

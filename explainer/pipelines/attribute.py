@@ -33,9 +33,9 @@ from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from explainer.core.imports import import_object
 from explainer.core.maps import minmax_normalize, upsample
 from explainer.core.targets import predicted_classes
+from explainer.data.build import build_datamodule
 from explainer.explainers import cache
 from explainer.explainers.base import fingerprint
 from explainer.explainers.cache import DTYPES, TARGETS, read_manifest, write_manifest, write_shard
@@ -165,10 +165,7 @@ def load_data_config(spec: str | dict) -> dict[str, Any]:
 
 
 def build_split(data: dict[str, Any], split: str) -> tuple[Any, Dataset]:
-    dm = import_object(data["class_path"], what="data.class_path")(**dict(data.get("init_args") or {}))
-    dm.prepare_data()
-    if not hasattr(dm, "dataset"):
-        raise ValueError(f"data: {data['class_path']} has no dataset(split) (expected an ImageDataModule)")
+    dm = build_datamodule(data)
     return dm, dm.dataset(split, train_transform=False)
 
 

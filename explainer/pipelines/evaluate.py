@@ -28,10 +28,19 @@ results.json (one JSON object; what :func:`run` returns)::
      "metric_options": {"<metric or group>": {...}},
      "methods": {"<method>": {"seconds_per_image": 0.0, "seconds_per_map": 0.0, "num_maps": 0,
                               "options": {...}, "metrics": {"<metric>": 0.0},
-                              "skipped_metrics": {"<metric>": "<why it was left out>"}}}}
+                              "skipped_metrics": {"<metric>": "<why it was left out>"},
+                              "thresholds": {"<metric>": {"threshold": 0.35, "mean_iou": 0.0, "num_maps": 0,
+                                                          "normalize": "minmax", "void_band": 5}}}},
+     "validation_images": {"split": "val", "num_images": 100},
+     "num_images_requested": 500, "notes": ["split 'test' has 200 images, fewer than the 500 asked for ..."]}
 
 ``metrics`` holds only metrics that were evaluated; ``skipped_metrics`` is
-present only when some were not. Metric definitions: docs/METHODS.md
+present only when some were not. ``thresholds`` and ``validation_images``
+appear when a metric's option ``threshold`` is ``val`` (each method also
+runs on ``threshold_images`` seeded images of ``threshold_split``; the grid
+threshold with the best mean per-map IoU there is applied to the evaluated
+images); ``num_images_requested`` and ``notes`` when a split has fewer
+images than asked for (all are used; the log says so too). Metric definitions: docs/METHODS.md
 sections 12 to 19.
 
 The config (YAML)::
@@ -57,13 +66,14 @@ The config (YAML)::
     num_workers: 0
     device: auto             # auto | cpu | cuda | cuda:1
     figure_images: 6
+    threshold_split: val     # images a metric option threshold: val is chosen on
+    threshold_images: 100    # seeded subset of threshold_split (every method runs on it once more)
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,13 +84,13 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader
 
 from explainer import metrics as M
-from explainer.core.io import atomic_path, atomic_write_text
-from explainer.core.maps import minmax_normalize
 from explainer.core.targets import predicted_classes
 from explainer.data.base import seeded_subset
+from explainer.data.build import build_datamodule
 from explainer.explanandum import import_object, load_explanandum
 from explainer.methods import base as method_registry
 from explainer.pipelines.args import parse, parse_object
+from explainer.pipelines.evaluate_outputs import markdown_table, save_figure, write_outputs  # noqa: F401
 
 TARGETS = ("groundtruth", "predicted")
 
@@ -115,11 +125,16 @@ def config_parser() -> ArgumentParser:
     p.add_argument("--num_workers", type=NonNegativeInt, default=0)
     p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:1")
     p.add_argument("--figure_images", type=NonNegativeInt, default=6)
+    p.add_argument("--threshold_split", type=str, default="val",
+                   help="split of the images a metric option threshold: val is chosen on")
+    p.add_argument("--threshold_images", type=PositiveInt, default=100,
+                   help="seeded subset of threshold_split for validated thresholds (each method runs on them)")
     return p
 
 
-KEYS = ("explanandum", "data", "split", "num_images", "seed", "target", "baseline", "methods", "metrics",
-        "metric_options", "batch_size", "method_batch_size", "max_batch", "num_workers", "device", "figure_images")
+def config_keys() -> list[str]:
+    """The keys of an evaluation config, as :func:`config_parser` declares them."""
+    return [a.dest for a in config_parser()._actions if a.dest not in ("help", "config")]
 
 
 def _parse(parser: ArgumentParser, cfg: dict[str, Any], where: str) -> dict[str, Any]:
@@ -127,8 +142,9 @@ def _parse(parser: ArgumentParser, cfg: dict[str, Any], where: str) -> dict[str,
         out = parse_object(parser, cfg, where).as_dict()
     except ValueError as err:
         if "is not accepted" in str(err):
-            raise ValueError(f"{where}: unknown key(s) {sorted(set(cfg) - set(KEYS))}; expected some of "
-                             f"{list(KEYS)}") from None
+            keys = config_keys()
+            raise ValueError(f"{where}: unknown key(s) {sorted(set(cfg) - set(keys))}; expected some of "
+                             f"{keys}") from None
         raise
     out.pop("config", None)
     return out
@@ -154,6 +170,9 @@ def validate_config(cfg: dict[str, Any], where: str = "config") -> dict[str, Any
         raise ValueError(f"{where}.data: expected {{class_path: ..., init_args: {{...}}}}, got {cfg['data']!r}")
     if not cfg["methods"]:
         raise ValueError(f"{where}.methods: expected at least one method")
+    if cfg["num_images"] is not None and cfg["num_images"] < 1:
+        raise ValueError(f"{where}.num_images (--num-images): expected a positive number of images (or null: the "
+                         f"whole split), got {cfg['num_images']}")
     cfg["methods"] = {k: dict(v or {}) for k, v in cfg["methods"].items()}
     cfg["metrics"] = list(cfg["metrics"] or M.DEFAULT_METRICS)
     M.MetricTracker(cfg["metrics"], cfg["metric_options"])  # unknown metric names / options: ValueError now
@@ -181,15 +200,15 @@ def build_explanandum(spec: Any):
 
 def build_dataset(data_cfg: dict, split: str, num_images: int | None, seed: int):
     """The evaluated images: the split (no augmentation) of the datamodule, seeded subset of ``num_images``."""
-    cls = import_object(data_cfg["class_path"], what="config.data.class_path")
-    dm = cls(**dict(data_cfg.get("init_args") or {}))
-    if hasattr(dm, "prepare_data"):
-        dm.prepare_data()
-    if not hasattr(dm, "dataset"):
-        raise ValueError(f"config.data: {data_cfg['class_path']} has no dataset(split) method "
-                         "(expected an explainer.data.ImageDataModule)")
-    ds = dm.dataset(split, train_transform=False)
-    return dm, seeded_subset(ds, num_images, seed)
+    dm = build_datamodule(data_cfg, where="config.data")
+    return dm, seeded_subset(dm.dataset(split, train_transform=False), num_images, seed)
+
+
+def subset_note(ds, requested: int | None, split: str, key: str) -> str | None:
+    """What to say when a split has fewer images than ``requested`` (all of them are used); None otherwise."""
+    if requested is None or len(ds) >= requested:
+        return None
+    return f"split {split!r} has {len(ds)} images, fewer than the {requested} asked for ({key}): all {len(ds)} used"
 
 
 def check_method_options(methods: dict[str, dict]) -> None:
@@ -243,6 +262,32 @@ def _attribute(method, x: torch.Tensor, t: torch.Tensor, chunk: int | None) -> t
     return maps.detach().float()
 
 
+def _pairs_of(f, batch: dict, cfg: dict, device: torch.device):
+    x = batch["image"].to(device)
+    img_idx, t = make_pairs(f, x, batch["labels"].to(device), cfg["target"], cfg["max_batch"])
+    return x, img_idx, t, batch["mask"].to(device)[img_idx], batch["has_mask"].to(device).bool()[img_idx]
+
+
+def validation_pairs(f, method, dm, cfg: dict, device: torch.device, note: dict) -> list[M.PairBatch]:
+    """The method's maps on the seeded validation subset (``threshold_split``, ``threshold_images``), as pair
+    batches; the random state of the evaluation is left as it was. ``note`` gets the split and image count."""
+    ds = seeded_subset(dm.dataset(cfg["threshold_split"], train_transform=False), cfg["threshold_images"],
+                       cfg["seed"])
+    note.update(split=cfg["threshold_split"], num_images=len(ds))
+    said = subset_note(ds, cfg["threshold_images"], cfg["threshold_split"], "threshold_images")
+    if said:
+        note["note"] = said
+        warnings.warn(f"evaluate: {said}", stacklevel=2)
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg["seed"])
+        for batch in DataLoader(ds, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg["num_workers"]):
+            x, img_idx, t, gt, has = _pairs_of(f, batch, cfg, device)
+            maps = _attribute(method, x[img_idx], t, cfg["method_batch_size"])
+            out.append(M.PairBatch(f, x[img_idx], maps, t, img_idx, gt, has, cfg["baseline"], cfg["max_batch"]))
+    return out
+
+
 def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate every method; returns ``(results, figure)`` (results as written to results.json)."""
     from tqdm.auto import tqdm
@@ -265,6 +310,10 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
         "baseline": cfg["baseline"],
         "device": str(device), "seed": cfg["seed"], "metric_specs": M.describe(names, cfg["metric_options"]),
         "metric_options": cfg["metric_options"], "methods": {}}
+    said = subset_note(ds, cfg["num_images"], cfg["split"], "num_images")
+    if said:  # asked for more images than the split has: said in the log and in results.json
+        results.update(num_images_requested=cfg["num_images"], notes=[said])
+        warnings.warn(f"evaluate: {said}", stacklevel=2)
     figure: dict[str, Any] = {"images": [], "titles": [], "maps": {}, "class_names": list(f.class_names)}
     # build every method first: a bad option fails before hours of work on the methods before it
     built = {name: build_method(name, f, opts) for name, opts in cfg["methods"].items()}
@@ -272,24 +321,21 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
         torch.manual_seed(cfg["seed"])
         method = built[name]
         tracker = M.MetricTracker(names, cfg["metric_options"])
-        method_rand, pre_skipped = None, {}
-        if tracker.needs_random_maps:
-            f_rand = M.randomize_explanandum(f, **tracker.random_options())
-            try:
-                method_rand = build_method(name, f_rand, opts)
-            except (ValueError, RuntimeError, TypeError) as err:
-                # e.g. an amortized explainer bound to the trained classifier's weights
-                pre_skipped["randomization_spearman"] = f"the method cannot run on a randomised explanandum: {err}"
-                tracker = M.MetricTracker([n for n in names if n != "randomization_spearman"],
-                                          {k: v for k, v in cfg["metric_options"].items()
-                                           if k != "randomization_spearman"})
+        val_note: dict[str, Any] = {}
+        ctx = M.MethodContext(
+            f, method, rebuild=lambda g, name=name, opts=opts: build_method(name, g, opts),
+            attribute=lambda m, xp, t: _attribute(m, xp, t, cfg["method_batch_size"]),
+            validation=lambda method=method, note=val_note: validation_pairs(f, method, dm, cfg, device, note))
+        record = tracker.prepare(ctx)
+        if val_note:
+            results["validation_images"] = {k: v for k, v in val_note.items() if k != "note"}
+            if "note" in val_note and val_note["note"] not in results.setdefault("notes", []):
+                results["notes"].append(val_note["note"])
         seconds, n_img, n_seen, n_maps = 0.0, 0, 0, 0
         first_method = not figure["maps"]
         fig_maps: list[torch.Tensor] = []
         for batch in tqdm(loader, desc=f"evaluate {name}", disable=not progress, leave=False):
-            x = batch["image"].to(device)
-            labels = batch["labels"].to(device)
-            img_idx, t = make_pairs(f, x, labels, cfg["target"], cfg["max_batch"])
+            x, img_idx, t, gt, has = _pairs_of(f, batch, cfg, device)
             xp = x[img_idx]
             _sync(device)
             t0 = time.perf_counter()
@@ -299,12 +345,10 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
             n_img += int(img_idx.unique().numel())  # images with at least one map
             n_seen += x.shape[0]
             n_maps += xp.shape[0]
-            rand_maps = _attribute(method_rand, xp, t, cfg["method_batch_size"]) if method_rand else None
-            gt = batch["mask"].to(device)[img_idx]
-            has = batch["has_mask"].to(device).bool()[img_idx]
+            extra = tracker.batch_inputs(xp, t)
             try:
                 tracker.update(M.PairBatch(f, xp, maps, t, img_idx + n_seen - x.shape[0], gt, has, cfg["baseline"],
-                                           cfg["max_batch"], rand_maps))
+                                           cfg["max_batch"], **extra))
             except ValueError as err:
                 raise ValueError(f"method {name!r}: {err}") from err
             # figure: the first map of each of the first images (the same images for every method)
@@ -321,94 +365,13 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
                     figure["titles"].append(f.class_names[int(t[j])])
         figure["maps"][name] = fig_maps
         values, skipped = tracker.compute()
-        skipped.update(pre_skipped)
         entry: dict[str, Any] = {"seconds_per_image": seconds / max(n_img, 1),
                                  "seconds_per_map": seconds / max(n_maps, 1), "num_maps": n_maps,
-                                 "options": opts, "metrics": values}
+                                 "options": opts, "metrics": values, **record}
         if skipped:
             entry["skipped_metrics"] = skipped
         results["methods"][name] = entry
     return results, figure
-
-
-# ---------------------------------------------------------------------------------------------- writing --
-def _fmt(v: float) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{v:.4g}"
-
-
-def markdown_table(results: dict[str, Any]) -> str:
-    """A markdown report: settings, then one row per method (arrows give each metric's better direction)."""
-    specs = results.get("metric_specs", {})
-    names = list(specs) or sorted({k for m in results["methods"].values() for k in m["metrics"]})
-    arrow = {"higher": "↑", "lower": "↓"}
-    lines = [f"# Evaluation: {results['explanandum']}", "",
-             f"{results['dataset']}, split `{results['split']}`, {results['num_images']} images, target "
-             f"`{results['target']}`, baseline `{results['baseline']}`, device `{results['device']}`.", "",
-             "| method | s/image | " + " | ".join(f"{n} {arrow.get(specs.get(n, {}).get('direction'), '')}".strip()
-                                                for n in names) + " |",
-             "|---|---:|" + "---:|" * len(names)]
-    notes = []
-    for meth, entry in results["methods"].items():
-        row = [meth, _fmt(entry["seconds_per_image"])] + [_fmt(entry["metrics"].get(n)) for n in names]
-        lines.append("| " + " | ".join(row) + " |")
-        for n, why in entry.get("skipped_metrics", {}).items():
-            notes.append(f"- {meth}: `{n}` skipped: {why}")
-    if notes:
-        lines += ["", "Skipped (– in the table):", *notes]
-    lines += ["", "↑ higher is better, ↓ lower is better. Metric definitions: `explainer.metrics` "
-                  "(see metric_specs in results.json)."]
-    return "\n".join(lines) + "\n"
-
-
-def save_figure(figure: dict[str, Any], path: str | Path) -> Path | None:
-    """A grid PNG: one row per image, the image then each method's map overlaid (matplotlib, Agg)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    imgs = figure["images"]
-    methods = list(figure["maps"])
-    if not imgs or not methods:
-        return None
-    rows, cols = len(imgs), 1 + len(methods)
-    fig = Figure(figsize=(1.8 * cols, 1.8 * rows + 0.3))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for r, img in enumerate(imgs):
-        rgb = img.permute(1, 2, 0).clamp(0, 1).numpy()
-        axes[r, 0].imshow(rgb)
-        axes[r, 0].set_ylabel(figure["titles"][r], fontsize=7)
-        for c, meth in enumerate(methods, start=1):
-            ax = axes[r, c]
-            ax.imshow(rgb)
-            maps = figure["maps"][meth]
-            if r < len(maps):
-                m = maps[r]
-                m = minmax_normalize(m, rel_eps=0.0)
-                ax.imshow(m.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-    axes[0, 0].set_title("image", fontsize=8)
-    for c, meth in enumerate(methods, start=1):
-        axes[0, c].set_title(meth, fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return Path(path)
-
-
-def write_outputs(results: dict[str, Any], figure: dict[str, Any] | None, out: str | Path) -> dict[str, Path]:
-    """results.json at ``out``; ``.md`` and ``.png`` beside it (each written atomically)."""
-    out = Path(out)
-    paths = {"json": atomic_write_text(out, json.dumps(results, indent=2) + "\n"),
-             "md": atomic_write_text(out.with_suffix(".md"), markdown_table(results))}
-    if figure is not None:
-        png = save_figure(figure, out.with_suffix(".png"))
-        if png is not None:
-            paths["png"] = png
-    return paths
 
 
 def evaluate(config: str | Path | dict[str, Any], out: str | Path, progress: bool = True,

@@ -1,0 +1,101 @@
+"""What ``evaluate`` writes beside results.json: the markdown table (also ``report``'s) and the figure."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from explainer.core.io import atomic_path, atomic_write_text
+from explainer.core.maps import minmax_normalize
+
+
+def _fmt(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.4g}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """A markdown report: settings, then one row per method (arrows give each metric's better direction)."""
+    specs = results.get("metric_specs", {})
+    names = list(specs) or sorted({k for m in results["methods"].values() for k in m["metrics"]})
+    arrow = {"higher": "↑", "lower": "↓"}
+    lines = [f"# Evaluation: {results['explanandum']}", "",
+             f"{results['dataset']}, split `{results['split']}`, {results['num_images']} images, target "
+             f"`{results['target']}`, baseline `{results['baseline']}`, device `{results['device']}`.", "",
+             *[f"Note: {n}." for n in results.get("notes", [])], *([""] if results.get("notes") else []),
+             "| method | s/image | " + " | ".join(f"{n} {arrow.get(specs.get(n, {}).get('direction'), '')}".strip()
+                                                for n in names) + " |",
+             "|---|---:|" + "---:|" * len(names)]
+    notes = []
+    for meth, entry in results["methods"].items():
+        row = [meth, _fmt(entry["seconds_per_image"])] + [_fmt(entry["metrics"].get(n)) for n in names]
+        lines.append("| " + " | ".join(row) + " |")
+        for n, why in entry.get("skipped_metrics", {}).items():
+            notes.append(f"- {meth}: `{n}` skipped: {why}")
+    if notes:
+        lines += ["", "Skipped (– in the table):", *notes]
+    chosen = {meth: entry["thresholds"] for meth, entry in results["methods"].items() if entry.get("thresholds")}
+    if chosen:
+        val = results.get("validation_images", {})
+        lines += ["", f"Thresholds (metric option threshold: val) chosen per method on {val.get('num_images', '?')} "
+                      f"`{val.get('split', '?')}` images, the best mean IoU of the grid 0.05..0.95:"]
+        for meth, per_metric in chosen.items():
+            by_value: dict[float, list[str]] = {}
+            for metric, sel in per_metric.items():
+                by_value.setdefault(sel["threshold"], []).append(metric)
+            lines.append(f"- {meth}: " + "; ".join(f"{t:g} ({', '.join(ms)})" for t, ms in by_value.items()))
+    lines += ["", "↑ higher is better, ↓ lower is better. Metric definitions: `explainer.metrics` "
+                  "(see metric_specs in results.json)."]
+    return "\n".join(lines) + "\n"
+
+
+def save_figure(figure: dict[str, Any], path: str | Path) -> Path | None:
+    """A grid PNG: one row per image, the image then each method's map overlaid (matplotlib, Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    imgs = figure["images"]
+    methods = list(figure["maps"])
+    if not imgs or not methods:
+        return None
+    rows, cols = len(imgs), 1 + len(methods)
+    fig = Figure(figsize=(1.8 * cols, 1.8 * rows + 0.3))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r, img in enumerate(imgs):
+        rgb = img.permute(1, 2, 0).clamp(0, 1).numpy()
+        axes[r, 0].imshow(rgb)
+        axes[r, 0].set_ylabel(figure["titles"][r], fontsize=7)
+        for c, meth in enumerate(methods, start=1):
+            ax = axes[r, c]
+            ax.imshow(rgb)
+            maps = figure["maps"][meth]
+            if r < len(maps):
+                m = maps[r]
+                m = minmax_normalize(m, rel_eps=0.0)
+                ax.imshow(m.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    axes[0, 0].set_title("image", fontsize=8)
+    for c, meth in enumerate(methods, start=1):
+        axes[0, c].set_title(meth, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)
+
+
+def write_outputs(results: dict[str, Any], figure: dict[str, Any] | None, out: str | Path) -> dict[str, Path]:
+    """results.json at ``out``; ``.md`` and ``.png`` beside it (each written atomically)."""
+    out = Path(out)
+    paths = {"json": atomic_write_text(out, json.dumps(results, indent=2) + "\n"),
+             "md": atomic_write_text(out.with_suffix(".md"), markdown_table(results))}
+    if figure is not None:
+        png = save_figure(figure, out.with_suffix(".png"))
+        if png is not None:
+            paths["png"] = png
+    return paths
