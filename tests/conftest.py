@@ -52,3 +52,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def explain_server(tmp_path_factory):
+    """``python -m explainer serve`` of the committed synthetic explainer on 127.0.0.1, one thread,
+    ``--body-timeout 1``: (url, port). Shared by the tests of explanation() and of the server's limits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_serve import free_port, stop, wait_healthy
+
+    root = Path(__file__).resolve().parents[1]
+    log = tmp_path_factory.mktemp("explain_server") / "server.log"
+    port = free_port()
+    cmd = [sys.executable, "-m", "explainer", "serve", "--checkpoint",
+           str(root / "checkpoints" / "synthetic_explainer.safetensors"), "--host", "127.0.0.1", "--port", str(port),
+           "--body-timeout", "1", "--threads", "1", "--log-level", "warning"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url, log)
+        yield url, port
+    finally:
+        stop(proc)

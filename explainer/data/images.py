@@ -126,11 +126,9 @@ def png_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _kind(data: bytes | None, fmt: str | None) -> str:
+def _kind(data: bytes, fmt: str | None) -> str:
     if fmt:
         return fmt
-    if data is None:
-        return "image"
     return "PNG" if data.startswith(PNG_SIGNATURE) else "JPEG" if data.startswith(b"\xff\xd8\xff") else "image"
 
 
@@ -159,6 +157,8 @@ def open_image(source: bytes | str | os.PathLike, *, formats: Sequence[str] | No
         raise FileNotFoundError(f"image: no such file {str(source)!r}")
     if data is not None and not data:
         raise ImageError("image: zero-size (0 bytes); expected the bytes of a JPEG or PNG file")
+    with open(source, "rb") if data is None else io.BytesIO(data) as stream:
+        head = stream.read(16)  # what the bytes look like, for the messages
     dims = png_size(data) if data is not None else None
     if dims is not None and 0 in dims:
         raise ImageError(f"image: zero-size PNG ({dims[0]}x{dims[1]} pixels)")
@@ -178,7 +178,7 @@ def open_image(source: bytes | str | os.PathLike, *, formats: Sequence[str] | No
         limit = max_pixels if max_pixels is not None else int(2 * (Image.MAX_IMAGE_PIXELS or 0))
         raise _too_many(pixels, limit, "", limit_hint) from None
     except _DECODE_ERRORS as err:
-        raise _corrupt(what, _kind(data, None), err) from None
+        raise _corrupt(what, _kind(head, None), err) from None
     try:
         if formats is not None and im.format not in formats:
             raise ImageError(f"image: expected {' or '.join(formats)}, got {im.format}", 415)
@@ -191,7 +191,7 @@ def open_image(source: bytes | str | os.PathLike, *, formats: Sequence[str] | No
             im.load()
             return ImageOps.exif_transpose(im) if orient else im
         except (*_DECODE_ERRORS, Image.DecompressionBombError) as err:
-            raise _corrupt(what, _kind(data, im.format), err) from None
+            raise _corrupt(what, _kind(head, im.format), err) from None
     except BaseException:
         im.close()
         raise
