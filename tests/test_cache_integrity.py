@@ -56,6 +56,13 @@ def same_shards(a: Path, b: Path) -> bool:
     return True
 
 
+def drop_table(out: Path) -> None:
+    """The manifest without its ``shards`` table: as a killed run or a cache from before the checksums leaves it."""
+    man = read_manifest(out)
+    del man["shards"]
+    (out / MANIFEST).write_text(json.dumps(man))
+
+
 def flip_byte(path: Path, offset_from_end: int = 100) -> None:
     data = bytearray(path.read_bytes())
     data[-offset_from_end] ^= 0xFF
@@ -94,9 +101,7 @@ def test_flipped_byte_is_found_by_manifest_and_by_the_shard_digest(made, tmp_pat
     flip_byte(shard_path(out, 0))
     with pytest.raises(ValueError, match=f"{shard_path(out, 0)}.*sha256 differs"):
         MapCache(out)
-    man = read_manifest(out)
-    del man["shards"]
-    (out / MANIFEST).write_text(json.dumps(man))
+    drop_table(out)
     with pytest.raises(ValueError, match=f"{shard_path(out, 0)}.*does not match the sha256 written with it"):
         MapCache(out)
     err = rerun(made, out, capsys)
@@ -111,9 +116,7 @@ def test_cache_errors_name_the_file(made, tmp_path):
         fh.truncate(1000)
     with pytest.raises(ValueError, match=f"{shard_path(out, 2)}.*1000 bytes, the manifest records"):
         MapCache(out)
-    man = read_manifest(out)
-    del man["shards"]
-    (out / MANIFEST).write_text(json.dumps(man))
+    drop_table(out)
     with pytest.raises(ValueError, match=f"{shard_path(out, 2)}.*truncated or corrupt"):
         MapCache(out)
     shard_path(out, 2).write_bytes(b"")
@@ -135,9 +138,7 @@ def test_old_cache_without_checksums_loads_and_resumes(made, tmp_path, capsys):
     out = copy(made, tmp_path)
     for k in range(SHARDS):
         save_file(tensors(shard_path(out, k)), str(shard_path(out, k)))  # no metadata
-    man = read_manifest(out)
-    del man["shards"]
-    (out / MANIFEST).write_text(json.dumps(man))
+    drop_table(out)
     old, new = MapCache(out), MapCache(made[0])
     assert old.entries.keys() == new.entries.keys()
     assert all(torch.equal(old.entries[i][1], new.entries[i][1]) for i in old.entries)
@@ -147,8 +148,6 @@ def test_old_cache_without_checksums_loads_and_resumes(made, tmp_path, capsys):
     save_file(tensors(shard_path(out, 1)), str(shard_path(out, 1)))
     with shard_path(out, 1).open("r+b") as fh:
         fh.truncate(1000)
-    man = read_manifest(out)
-    del man["shards"]
-    (out / MANIFEST).write_text(json.dumps(man))
+    drop_table(out)
     assert str(shard_path(out, 1)) in rerun(made, out, capsys)
     assert same_shards(out, made[0])
