@@ -94,3 +94,27 @@ def apply_mask(x: torch.Tensor, m: torch.Tensor, baseline: str | torch.Tensor = 
     """
     b = baseline if isinstance(baseline, torch.Tensor) else baseline_image(x, baseline, mean, blur_sigma)
     return m * x + (1 - m) * b
+
+
+SURROUND_SIGMAS = (2.0, 4.0, 8.0, 16.0)
+
+
+def surround_fill(x: torch.Tensor, keep: torch.Tensor, sigmas: Sequence[float] = SURROUND_SIGMAS,
+                  eps: float = 1e-6) -> torch.Tensor:
+    """``keep * x + (1 - keep) * fill``: the removed region filled from its surroundings, differentiably.
+
+    ``fill`` is a multi-scale normalised convolution: with Gaussian blurs ``G_s`` (reflect padding),
+    ``fill = (sum_s G_s(keep * x) + mean(keep * x)) / (sum_s G_s(keep) + mean(keep))``, the means over the whole
+    image being the coarsest scale (it reaches every pixel, whatever the image size). Near the kept pixels the fine
+    scales dominate, deep inside a hole only the coarse ones reach, so a hole takes the colours around it and
+    keeps no flat silhouette of its own (the mean fill paints a hole in one colour, so its outline stays visible
+    to the classifier).
+    A differentiable stand-in for noisy linear imputation; used by the Explainer's inverse-mask terms
+    (``inverse_fill="surround"``). ``x`` (B, 3, H, W); ``keep`` (B, 1, H, W) in [0, 1].
+    """
+    both = torch.cat([x * keep, keep.expand(-1, 1, -1, -1)], 1)
+    acc = both.mean((2, 3), keepdim=True)
+    for s in sigmas:
+        acc = acc + blur(both, s)
+    fill = acc[:, :-1] / (acc[:, -1:] + eps)
+    return keep * x + (1 - keep) * fill

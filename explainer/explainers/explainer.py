@@ -24,6 +24,7 @@ from torchmetrics.classification import MultilabelJaccardIndex
 from explainer import losses
 from explainer.core import viz
 from explainer.core.constants import VOID
+from explainer.core.masking import surround_fill
 from explainer.explainers.base import TrainedExplainer, register_kind
 from explainer.nets.segmentation import build_mask_net
 
@@ -51,6 +52,7 @@ def pick_present(present: torch.Tensor, index: torch.Tensor, step: int) -> torch
     return score.argmax(1)
 
 
+INVERSE_FILLS = ("baseline", "surround")
 OBJECTIVE_DEFAULTS = {"lambda_ent": 1.0, "lambda_tv": 1.0, "lambda_area": 1.0, "lambda_mask": 0.1,
                       "lambda_nontarget": 0.3, "area_min": 0.05, "area_max": 0.3}
 
@@ -73,12 +75,15 @@ def check_explainer_objective(settings: dict | None) -> dict:
 
 
 def explainer_objective(module: TrainedExplainer, x: torch.Tensor, y: torch.Tensor, S: torch.Tensor,
-                        settings: dict, s: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                        settings: dict, s: torch.Tensor | None = None,
+                        inverse_fill: str = "baseline") -> dict[str, torch.Tensor]:
     """The Explainer's loss (module docstring, without ``L_class``) of mask logits ``S`` (B, C, H, W) for images
     ``x`` with multi-hot labels ``y``, with the weights and area bounds of ``settings`` (the keys of
     ``OBJECTIVE_DEFAULTS``); ``module`` gives the explanandum and its masking; ``s``: ``sigmoid(S)``
     if the caller has it (one node in the graph, so gradients add up in the same order). Returns its terms and
-    their weighted sum ``loss``. Shared with the distill kind, which can add it to its own terms."""
+    their weighted sum ``loss``. Shared with the distill kind, which can add it to its own terms.
+    ``inverse_fill``: how the entropy term fills the removed region: ``"baseline"`` (the masking baseline, the
+    paper's) or ``"surround"`` (from the surrounding pixels, :func:`explainer.core.masking.surround_fill`)."""
     f = module.explanandum
     present = y > 0.5
     s = torch.sigmoid(S) if s is None else s
@@ -87,7 +92,8 @@ def explainer_objective(module: TrainedExplainer, x: torch.Tensor, y: torch.Tens
     out = {"cls": losses.classification_loss(f(module.mask(x, m)), y, f.multilabel)}
     total = out["cls"]
     if settings["lambda_ent"]:
-        out["ent"] = losses.negative_entropy(f(module.mask(x, 1 - m)))
+        removed = module.mask(x, 1 - m) if inverse_fill == "baseline" else surround_fill(x, 1 - m)
+        out["ent"] = losses.negative_entropy(f(removed))
         total = total + settings["lambda_ent"] * out["ent"]
     out["tv"] = losses.total_variation(m) + losses.total_variation(n)
     out["area"] = losses.area_loss(s, present, settings["area_min"], settings["area_max"])
@@ -116,6 +122,8 @@ class ExplainerModule(TrainedExplainer):
             the paper's l_e, l_tv, l_a, l_m, l_n (official defaults 1, 1, 1, 0.1, 0.3).
         lambda_class: weight of the per-class extension term (0: the paper).
         area_min, area_max: the area bounds a_min, a_max.
+        inverse_fill: what fills the region a mask removes in the entropy term: "baseline" (the masking
+            baseline, the paper's) or "surround" (the surrounding colours, no flat silhouette left).
         lr, weight_decay, optimizer, lr_schedule, warmup_steps: optimisation
             (the paper: Adam, constant lr).
         log_images: images per validation panel (0: none).
@@ -134,7 +142,10 @@ class ExplainerModule(TrainedExplainer):
                  lambda_nontarget: float = 0.3, lambda_class: float = 0.0, area_min: float = 0.05,
                  area_max: float = 0.3, lr: float = 1e-4, weight_decay: float = 0.0, optimizer: str = "adam",
                  lr_schedule: str = "constant", warmup_steps: int = 0, log_images: int = 4,
-                 channels_last: bool = True, explanandum_fingerprint: str | None = None):
+                 channels_last: bool = True, inverse_fill: str = "baseline",
+                 explanandum_fingerprint: str | None = None):
+        if inverse_fill not in INVERSE_FILLS:
+            raise ValueError(f"inverse_fill: expected one of {INVERSE_FILLS}, got {inverse_fill!r}")
         if not 0 <= area_min <= area_max <= 1:
             raise ValueError(f"area_min/area_max: expected 0 <= area_min <= area_max <= 1, got {area_min}, {area_max}")
         super().__init__(explanandum, explanandum_fingerprint, baseline=baseline, lr=lr, weight_decay=weight_decay,
@@ -153,7 +164,8 @@ class ExplainerModule(TrainedExplainer):
         x, y = batch["image"], batch["labels"]
         S = self(x)
         s = torch.sigmoid(S)
-        out = explainer_objective(self, x, y, S, {k: hp[k] for k in OBJECTIVE_DEFAULTS}, s)
+        out = explainer_objective(self, x, y, S, {k: hp[k] for k in OBJECTIVE_DEFAULTS}, s,
+                                  hp.get("inverse_fill", "baseline"))
         if hp.lambda_class:
             index = batch.get("index", torch.arange(x.shape[0], device=x.device))
             out["class"] = self._class_term(x, s, y > 0.5, torch.as_tensor(index, device=x.device))
