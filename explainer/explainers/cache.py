@@ -117,7 +117,7 @@ def read_shard(root: str | os.PathLike, k: int, record: dict[str, Any] | None = 
         tensors, meta = load_safetensors(data), _header_metadata(data)
     except Exception as err:  # safetensors' SafetensorError, a bad header
         raise DamagedShard(path, f"truncated or corrupt: {err}") from None
-    problem = _shard_problem(tensors, meta, rows)
+    problem = _shard_problem(tensors, meta if record is None else {}, rows)  # a record covers the whole file
     if problem:
         raise DamagedShard(path, problem)
     return tensors, got
