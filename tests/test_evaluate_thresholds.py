@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from explainer.data import synthetic
 from explainer.metrics import regions as R
 from explainer.metrics import registry
 from explainer.pipelines import evaluate as E
+from explainer.pipelines import quickstart
 
 METHODS = textwrap.dedent('''
     import torch
@@ -41,7 +43,7 @@ METHODS = textwrap.dedent('''
 ''')
 VAL = {"segmentation": {"threshold": "val", "void_band": 5}, "iou": {"threshold": "val"},
        "boundary_f1": {"threshold": "val"}}
-REGION_METRICS = ["miou", "f1", "iou", "boundary_f1", "energy_pointing", "wrong_object"]
+REGION_METRICS = ["miou", "f1", "pixel_ap", "iou", "boundary_f1", "energy_pointing", "wrong_object"]
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +86,7 @@ def test_val_threshold_is_chosen_on_validation_and_applied(setup, tiny_voc):
         entry = res["methods"][name]
         chosen = {m: entry["thresholds"][m]["threshold"] for m in ("miou", "f1", "iou", "boundary_f1")}
         assert len(set(chosen.values())) == 1 and entry["thresholds"]["iou"]["void_band"] == 5
+        assert set(entry["thresholds"]) == {"miou", "f1", "iou", "boundary_f1"}  # pixel_ap uses no threshold
         # the same numbers as every metric at that fixed threshold
         fixed = {"segmentation": {"threshold": chosen["iou"], "void_band": 5}, "iou": {"threshold": chosen["iou"]},
                  "boundary_f1": {"threshold": chosen["iou"]}}
@@ -158,3 +161,31 @@ def test_generic_code_names_no_metric():
     for src in (inspect.getsource(E), inspect.getsource(registry.MetricTracker)):
         for name in M.available():
             assert f'"{name}"' not in src and f"'{name}'" not in src, name
+
+
+REPO = Path(explainer.__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["quickstart_evaluate", "results", "results_distill", "results_distill_extremal",
+                                  "results_extremal", "results_faithful", "results_ltx", "results_noltx"])
+def test_synthetic_result_configs_use_validated_thresholds(name):
+    cfg = E.load_config(REPO / "configs" / "synthetic" / f"{name}.yaml")  # keys, metric names and options checked
+    assert {"iou", "boundary_f1", "energy_pointing", "wrong_object", "deletion_auc_nli"} <= set(cfg["metrics"])
+    opts = cfg["metric_options"]
+    assert opts["segmentation"] == {"threshold": "val", "void_band": 5}
+    assert opts["iou"]["threshold"] == opts["boundary_f1"]["threshold"] == "val"
+
+
+def test_quickstart_table_lists_the_new_metrics_and_thresholds(setup, tiny_voc):
+    d, ckpt = setup
+    cfg = config(d, ckpt, tiny_voc, methods={"explainer": {"factory": f"{d / 'methods.py'}:Bright"},
+                                             "sal": {"factory": f"{d / 'methods.py'}:Saliency"}})
+    res, _ = E.run(cfg, progress=False)
+    lines = quickstart.metrics_table(res, {"map": 0.9, "map_erased": 0.1, "chance_map": 0.2, "num_images": 6})
+    head = next(line for line in lines if line.startswith("| method"))
+    assert "wrong_object ↓" in head and "boundary_f1 ↑" in head and "energy_pointing ↑" in head
+    row = next(line for line in lines if line.startswith("| explainer"))
+    assert f"{res['methods']['explainer']['metrics']['iou']:.3f}" in row
+    t = {m: res["methods"][m]["thresholds"]["iou"]["threshold"] for m in ("explainer", "sal")}
+    assert lines[-1] == f"Thresholds chosen on 5 validation images (threshold: val): explainer {t['explainer']:g}, " \
+                        f"sal {t['sal']:g}."

@@ -106,12 +106,13 @@ def choose_on_validation(ctx: S.MethodContext, normalize: str, void_band: int) -
     return ctx.shared(("validated_threshold", normalize, void_band), choose)
 
 
-def _prepare_threshold(name: str, default_band: int) -> Callable[[S.MethodContext, dict], S.Prepared | None]:
+def _prepare_threshold(name: str, default_band: int, record: bool = True
+                       ) -> Callable[[S.MethodContext, dict], S.Prepared | None]:
     def prepare(ctx: S.MethodContext, o: dict) -> S.Prepared | None:
         if o.get("threshold", "mean") != "val":
             return None
         sel = choose_on_validation(ctx, o.get("normalize", "minmax"), o.get("void_band", default_band))
-        return S.Prepared(options={"threshold": sel["threshold"]}, record={"thresholds": {name: sel}})
+        return S.Prepared(options={"threshold": sel["threshold"]}, record={"thresholds": {name: sel}} if record else {})
     return prepare
 
 
@@ -142,7 +143,8 @@ SPECS: list[S.MetricSpec] = [
              "pixel of the class (void ignored); mean over classes of the hit rate", _pointing, _pointing_reduce,
              options=("tolerance",)),
     *[_gt_spec(name, "higher", desc, _segmentation, _seg_reduce(name), group="segmentation", options=SEG_OPTIONS,
-               prepare=_prepare_threshold(name, 0) if name in _THRESHOLDED else None)
+               # every member: the group shares one computation; only the thresholded ones record the threshold
+               prepare=_prepare_threshold(name, 0, record=name in _THRESHOLDED))
       for name, desc in _SEG_DESC.items()],
 ]
 #: the metrics against class regions (the void band next to an object is the object's)

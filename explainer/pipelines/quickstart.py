@@ -4,8 +4,10 @@
 2. Evaluate the committed classifier: test mAP, per-class AP, and mAP with the
    objects erased (it must collapse if the classifier uses the objects).
 3. Train the Explainer with configs/synthetic/explainer.yaml (LightningCLI).
-4. Compare it with Grad-CAM on the test split (configs/synthetic/quickstart_evaluate.yaml):
-   mIoU, F1, pointing game, and the mean mask of present and absent classes.
+4. Compare it with Grad-CAM on the test split (configs/synthetic/quickstart_evaluate.yaml): mIoU, IoU, F1
+   and boundary F at a threshold chosen per method on validation images, energy inside the object, peaks on
+   another object, pointing game, deletion (mean and nli fills), insertion, and the mean mask of present and
+   absent classes.
 5. Write outputs/quickstart/: classifier.json, metrics.md, results.json, figure.png.
 """
 
@@ -75,6 +77,29 @@ def _mask_areas(e, dm, n: int = 200) -> dict:
     return {"mean_mask_present": float(torch.cat(pres).mean()), "mean_mask_absent": float(torch.cat(absn).mean())}
 
 
+def metrics_table(results: dict, rep: dict) -> list[str]:
+    """metrics.md's head: the classifier line, one row per method (arrows: the better direction), the thresholds
+    chosen on validation images."""
+    names = list(results["methods"]["explainer"]["metrics"])
+    arrow = {"higher": " ↑", "lower": " ↓"}
+    specs = results.get("metric_specs", {})
+    lines = ["# Quickstart results (embedded benchmark, test split)", "",
+             f"Classifier: test mAP **{rep['map']:.3f}**, with objects erased "
+             f"{rep.get('map_erased', float('nan')):.3f} (chance {rep['chance_map']:.3f}), "
+             f"{rep['num_images']} images.", "",
+             "| method | " + " | ".join(n + arrow.get(specs.get(n, {}).get("direction"), "") for n in names)
+             + " | s/image |", "|---|" + "---|" * (len(names) + 1)]
+    for name, r in results["methods"].items():
+        vals = " | ".join(f"{r['metrics'][k]:.3f}" if k in r["metrics"] else "n/a" for k in names)
+        lines.append(f"| {name} | {vals} | {r['seconds_per_image']:.4f} |")
+    chosen = {name: r["thresholds"] for name, r in results["methods"].items() if r.get("thresholds")}
+    if chosen:
+        val = results.get("validation_images", {})
+        lines += ["", f"Thresholds chosen on {val.get('num_images', '?')} validation images (threshold: val): "
+                  + ", ".join(f"{name} {next(iter(t.values()))['threshold']:g}" for name, t in chosen.items()) + "."]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m explainer quickstart", description=__doc__)
     p.add_argument("--train-config", default="configs/synthetic/explainer.yaml")
@@ -125,15 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     times["total_s"] = time.time() - t0
 
     results = json.loads((out / "results.json").read_text())
-    names = list(results["methods"]["explainer"]["metrics"])
-    lines = ["# Quickstart results (embedded benchmark, test split)", "",
-             f"Classifier: test mAP **{rep['map']:.3f}**, with objects erased "
-             f"{rep.get('map_erased', float('nan')):.3f} (chance {rep['chance_map']:.3f}), "
-             f"{rep['num_images']} images.", "",
-             "| method | " + " | ".join(names) + " | s/image |", "|---|" + "---|" * (len(names) + 1)]
-    for name, r in results["methods"].items():
-        vals = " | ".join(f"{r['metrics'][k]:.3f}" if k in r["metrics"] else "n/a" for k in names)
-        lines.append(f"| {name} | {vals} | {r['seconds_per_image']:.4f} |")
+    lines = metrics_table(results, rep)
     lines += ["", f"Explainer mean mask: present classes {areas['mean_mask_present']:.3f}, "
               f"absent classes {areas['mean_mask_absent']:.3f}.", "",
               "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()), ""]
