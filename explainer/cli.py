@@ -6,23 +6,36 @@ Every verb takes ``--help``; those with settings take ``--config FILE.yaml`` and
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
+from typing import Callable
 
-# verb -> (pipeline module with main(argv), one line of help); modules are imported when their verb runs, so
-# that `fit` does not pay for what `serve` imports
-VERBS: dict[str, tuple[str, str]] = {
-    "fit": ("explainer.pipelines.train", "train a model of a config (LightningCLI fit: --config, --trainer.*)"),
-    "train": ("explainer.pipelines.train", "LightningCLI with its subcommands (fit, validate, test, predict)"),
-    "finetune": ("explainer.pipelines.finetune", "LTX per-image finetuning, masks written like explain"),
-    "explain": ("explainer.pipelines.explain", "masks of a trained explainer for image files"),
-    "evaluate": ("explainer.pipelines.evaluate", "methods x metrics on a dataset -> results.json/.md/.png"),
-    "export": ("explainer.pipelines.export", "an explainer to safetensors or ONNX, a classifier to safetensors"),
-    "attribute": ("explainer.pipelines.attribute", "a method's maps over a dataset split, sharded and resumable"),
-    "serve": ("explainer.serving.cli", "an explainer over HTTP (LitServe, dynamic batching)"),
-    "report": ("explainer.pipelines.report", "docs/RESULTS.md from results.json files"),
-    "quickstart": ("explainer.pipelines.quickstart", "the main job on the embedded default"),
+from explainer.pipelines import attribute, evaluate, explain, export, finetune, quickstart, report, train
+from explainer.serving import cli as serve
+
+
+def lightning_fit(argv: list[str]) -> int:
+    train.train_cli(["fit", *argv])
+    return 0
+
+
+def lightning_cli(argv: list[str]) -> int:
+    train.train_cli(argv)
+    return 0
+
+
+# verb -> (what runs it on the rest of the command line, one line of help)
+VERBS: dict[str, tuple[Callable[[list[str]], int | None], str]] = {
+    "fit": (lightning_fit, "train a model of a config (LightningCLI fit: --config, --trainer.*)"),
+    "train": (lightning_cli, "LightningCLI with its subcommands (fit, validate, test, predict)"),
+    "finetune": (finetune.main, "LTX per-image finetuning, masks written like explain"),
+    "explain": (explain.main, "masks of a trained explainer for image files"),
+    "evaluate": (evaluate.main, "methods x metrics on a dataset -> results.json/.md/.png"),
+    "export": (export.main, "an explainer to safetensors or ONNX, a classifier to safetensors"),
+    "attribute": (attribute.main, "a method's maps over a dataset split, sharded and resumable"),
+    "serve": (serve.main, "an explainer over HTTP (LitServe, dynamic batching)"),
+    "report": (report.main, "docs/RESULTS.md from results.json files"),
+    "quickstart": (quickstart.main, "the main job on the embedded default"),
 }
 
 
@@ -34,14 +47,7 @@ def usage() -> str:
 
 
 def run_verb(verb: str, argv: list[str]) -> int:
-    module = importlib.import_module(VERBS[verb][0])
-    if verb == "fit":
-        module.train_cli(["fit", *argv])
-        return 0
-    if verb == "train":
-        module.train_cli(argv)
-        return 0
-    return int(module.main(argv) or 0)
+    return int(VERBS[verb][0](argv) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,6 @@ from explainer.data.coco import COCODataModule, COCODataset
 from explainer.data.folder import FolderDataModule, FolderDataset
 from explainer.data.voc import VOC_CLASSES, SyntheticDataModule, VOCDataModule, VOCDataset
 
-__all__ = ["synthetic", "VOID", "IGNORE", "ImageDataModule", "build_transforms", "read_rgb", "COCODataModule",
+__all__ = ["synthetic", "VOID", "ImageDataModule", "build_transforms", "read_rgb", "COCODataModule",
            "COCODataset", "FolderDataModule", "FolderDataset", "VOC_CLASSES", "SyntheticDataModule",
            "VOCDataModule", "VOCDataset"]
-
-IGNORE = VOID  # the void label's former name here

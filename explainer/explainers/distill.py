@@ -48,7 +48,7 @@ from explainer.explainers.cache import MapCache
 from explainer.explainers.explainer import check_explainer_objective, explainer_objective, pick_present, step_hash
 from explainer.explainers.loading import read_meta
 from explainer.losses import CURVE_AREAS, CURVE_PARTS, CURVE_TEMPERATURE
-from explainer.methods import base as method_registry
+from explainer.methods.base import get as get_method
 from explainer.nets.segmentation import build_mask_net
 
 
@@ -192,7 +192,7 @@ class DistillModule(TrainedExplainer):
         if hp.teacher is None:
             raise ValueError("teacher: give teacher_cache (an attribute cache) or teacher (a registered method)")
         if self._teacher is None:
-            self._teacher = method_registry.get(hp.teacher, self.explanandum, **(hp.teacher_options or {}))
+            self._teacher = get_method(hp.teacher, self.explanandum, **(hp.teacher_options or {}))
         nz = (batch["labels"] > 0.5).nonzero()
         maps = self._teacher.attribute(x[nz[:, 0]], nz[:, 1]) if len(nz) else x.new_zeros(0, 1, *size)
         maps = minmax_normalize(maps.detach().float())[:, 0]

@@ -1,7 +1,8 @@
-"""Trained explainers behind the methods interface: "explainer" (any kind, one forward pass), "ltx" (finetuned
-per image) and "pltx" (LTX's pretrained network, one forward pass).
+"""Trained explainers behind the methods interface: "trained" (any kind, one forward pass; also registered as
+"explainer", the name the docs and configs use), "distill" (a distilled student), "ltx" (finetuned per image)
+and "pltx" (LTX's pretrained network, one forward pass).
 
-``get("explainer", f, checkpoint=PATH).attribute(x, target)`` gives a trained explainer's mask of ``target``
+``get("trained", f, checkpoint=PATH).attribute(x, target)`` gives a trained explainer's mask of ``target``
 (one forward pass; None: the predicted top-1). ``f`` may be None to use the explanandum recorded in the
 checkpoint; when given, it must be the classifier the explainer was trained against (checked by weights
 fingerprint).
@@ -14,11 +15,11 @@ from typing import Any
 import torch
 
 from explainer.explainers.loading import load
-from explainer.explainers.ltx import finetune, finetune_settings
-from explainer.methods.base import Method, register
+from explainer.explainers.ltx_finetune import finetune, finetune_settings
+from explainer.methods.base import METHODS, Method, register
 
 
-@register("explainer")
+@register("trained")
 class TrainedExplainerMethod(Method):
     """A trained explainer checkpoint (Lightning .ckpt or safetensors export) of any kind: its mask of the
     target class from one forward pass.
@@ -47,7 +48,9 @@ class TrainedExplainerMethod(Method):
         return self.module.explain(x, target, batch_size=self.batch_size)
 
 
-ExplainerMethod = TrainedExplainerMethod  # its former name
+# "explainer" loads a checkpoint of any kind (an LTX file too, without finetuning): the same method under the
+# name the API has documented since 0.1 (docs/API.md)
+METHODS.add("explainer", TrainedExplainerMethod)
 
 
 @register("distill")

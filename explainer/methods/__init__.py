@@ -10,7 +10,8 @@
 integrated_gradients), :mod:`.perturbation` (rise, occlusion), :mod:`.extremal` (extremal_perturbation),
 :mod:`.inr_extremal` (inr_extremal_perturbation, :func:`multiple_masks`), :mod:`.dix`, :mod:`.iia`,
 :mod:`.ensemble` (the weighted mean of other methods' normalised maps). The trained
-explainers register "explainer", "ltx" and "pltx" from :mod:`explainer.explainers.methods`.
+explainers register "trained" (alias "explainer"), "distill", "ltx" and "pltx" from
+:mod:`explainer.explainers.methods`.
 """
 
 from __future__ import annotations
