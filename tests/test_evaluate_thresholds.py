@@ -106,6 +106,8 @@ def test_val_threshold_is_chosen_on_validation_and_applied(setup, tiny_voc):
                          ("wrong_object", R.wrong_object(mt, gt, tt))):
         assert vals[key] == pytest.approx(float(per_map[~per_map.isnan()].mean()), abs=1e-9), key
     assert res["metric_specs"]["wrong_object"]["direction"] == "lower"
+    assert "threshold 'val' (one per method" in res["metric_specs"]["miou"]["description"]
+    assert "void_band 5" in res["metric_specs"]["f1"]["description"]
     assert res["metric_specs"]["boundary_f1"]["direction"] == "higher"
 
 

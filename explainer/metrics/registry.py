@@ -210,13 +210,27 @@ def describe(names: list[str] | None = None, options: dict[str, dict] | None = N
 
     With ``options`` (per-metric option dicts, as given to
     :class:`MetricTracker`), a metric whose ``fill`` option is set states
-    that fill as its baseline.
+    that fill as its baseline, and one whose ``threshold`` or ``void_band``
+    is set (by name or by its group) says so in its description.
     """
     out = {n: get(n).describe() for n in (names if names is not None else available())}
+    options = options or {}
     for n, d in out.items():
-        fill = (options or {}).get(n, {}).get("fill")
-        if fill is not None and "fill" in get(n).options:
+        spec = get(n)
+        fill = options.get(n, {}).get("fill")
+        if fill is not None and "fill" in spec.options:
             d["baseline"] = NLI_TEXT if fill == "nli" else f"{fill} (metric option fill), via apply_mask"
+        o = {**options.get(spec.group, {}), **options.get(n, {})} if spec.group else options.get(n, {})
+        said = []
+        if "threshold" in o and "threshold" in spec.options:
+            val = o["threshold"] == "val"
+            said.append(f"threshold {o['threshold']!r}" + (" (one per method, chosen on validation images)"
+                                                           if val else ""))
+        if "void_band" in o and "void_band" in spec.options:
+            said.append(f"void_band {o['void_band']} (the void within that many pixels of an object is the "
+                        "object's)")
+        if said:
+            d["description"] += "; as configured: " + ", ".join(said)
     return out
 
 
