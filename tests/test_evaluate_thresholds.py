@@ -134,6 +134,9 @@ def test_fewer_validation_images_than_asked_is_said(setup, tiny_voc):
         res, _ = E.run(cfg, progress=False)
     assert res["validation_images"] == {"split": "val", "num_images": 12}
     assert any("'val' has 12 images, fewer than the 40" in n for n in res["notes"])
+    with pytest.warns(UserWarning, match="thresholds chosen on the evaluated split 'test' itself"):
+        same, _ = E.run(dict(cfg, threshold_split="test", threshold_images=5), progress=False)
+    assert same["validation_images"] == {"split": "test", "num_images": 5}
 
 
 def test_val_threshold_needs_validation_and_keys_come_from_the_parser():

@@ -1,23 +1,17 @@
 """``python -m explainer evaluate --config configs/<...>.yaml --out results.json``.
 
-Runs every configured attribution method on a seeded, fixed subset of a
-split, times it, scores its maps with :mod:`explainer.metrics`, and writes
+Runs every configured attribution method on a seeded, fixed subset of a split, times it, scores its maps
+with :mod:`explainer.metrics`, and writes ``results.json`` (format below; a metric that does not apply is
+never written as a number), ``results.md`` (the same numbers as a markdown table) and ``results.png`` (a
+grid of images by methods) beside it.
 
-* ``results.json`` (format below; a metric that does not apply is never
-  written as a number),
-* ``results.md`` beside it: the same numbers as a markdown table,
-* ``results.png`` beside it: a grid of images (rows) by methods (columns).
-
-Targets. ``target: predicted`` explains the classifier's top-1 class of
-each image (one map per image). ``target: groundtruth`` explains *every
-class present in the image*: a multi-label image with ``k`` labelled
-classes gives ``k`` (image, class) pairs, each with its own map and its own
-scores; faithfulness metrics average over pairs, the pointing game over
-classes (TorchRay), ``miou``/``pixel_accuracy`` accumulate pixels over pairs
-(LTX/IIA). This is the TorchRay and Explainer-paper protocol, and it avoids
-choosing one arbitrary class of a multi-label image. ``seconds_per_image``
-is the method's time over the images (all their pairs), ``seconds_per_map``
-over the maps.
+Targets. ``target: predicted`` explains the classifier's top-1 class of each image (one map per image).
+``target: groundtruth`` explains *every class present in the image*: a multi-label image with ``k``
+labelled classes gives ``k`` (image, class) pairs, each with its own map and its own scores; faithfulness
+metrics average over pairs, the pointing game over classes (TorchRay), ``miou``/``pixel_accuracy``
+accumulate pixels over pairs (LTX/IIA). This is the TorchRay and Explainer-paper protocol, and it avoids
+choosing one arbitrary class of a multi-label image. ``seconds_per_image`` is the method's time over the
+images (all their pairs), ``seconds_per_map`` over the maps.
 
 results.json (one JSON object; what :func:`run` returns)::
 
@@ -275,6 +269,8 @@ def validation_pairs(f, method, dm, cfg: dict, device: torch.device, note: dict)
                        cfg["seed"])
     note.update(split=cfg["threshold_split"], num_images=len(ds))
     said = subset_note(ds, cfg["threshold_images"], cfg["threshold_split"], "threshold_images")
+    if cfg["threshold_split"] == cfg["split"]:
+        said = f"thresholds chosen on the evaluated split {cfg['split']!r} itself (threshold_split)"
     if said:
         note["note"] = said
         warnings.warn(f"evaluate: {said}", stacklevel=2)
