@@ -27,6 +27,7 @@ from explainer.core.masking import apply_mask, check_baseline
 from explainer.core.registry import Registry
 from explainer.core.targets import check_targets
 from explainer.data.resume import ExactResume
+from explainer.explainers.class_head import only_classes
 from explainer.explainers.explanation import ExplainsImages
 from explainer.explainers.integrity import NonFiniteError, check_class_names, diverged, nonfinite_tensors, unusable
 from explainer.explanandum import Explanandum, load_explanandum
@@ -210,18 +211,26 @@ class TrainedExplainer(pl.LightningModule, ExplainsImages):
         out = []
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size].to(dev, dtype=param_dtype, non_blocking=True)
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            wanted = None if t is None else t[i:i + batch_size].to(dev)
+            # with targets, only their classes' channels are computed (class_head.only_classes)
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None), \
+                    only_classes(self.net, self.num_classes, wanted) as channel:
                 masks = self.class_masks(xb).float()
             if t is not None:
-                idx = t[i:i + batch_size].to(dev)
-                masks = masks.gather(1, idx.view(-1, 1, 1, 1).expand(-1, 1, *masks.shape[-2:]))
+                masks = masks.gather(1, channel.view(-1, 1, 1, 1).expand(-1, 1, *masks.shape[-2:]))
             out.append(masks.to(x.device))
         return torch.cat(out)
 
+    @torch.inference_mode()
     def selected_masks(self, x: torch.Tensor, classes: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Masks (K_i, S, S) of images (B, 3, S, S) for each image's classes (for :meth:`explanation`)."""
-        masks = self.explain(x)
-        return [m[c.to(m.device)] for m, c in zip(masks, classes)]
+        """Masks (K_i, S, S) of images (B, 3, S, S) for each image's classes (for :meth:`explanation`): only
+        the channels of the classes asked for are computed (of their union over the batch)."""
+        union = torch.unique(torch.cat([c.reshape(-1) for c in classes]).to(self.device))
+        with only_classes(self.net, self.num_classes, union) as channel:
+            masks = self.explain(x)
+        pos = torch.full((self.num_classes,), -1, dtype=torch.long, device=masks.device)
+        pos[union.to(masks.device)] = channel.to(masks.device)  # class -> its channel of the masks
+        return [m[pos[c.to(m.device)]] for m, c in zip(masks, classes)]
 
     # ---- Lightning ------------------------------------------------------------------
     def setup(self, stage: str) -> None:
