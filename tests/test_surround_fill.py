@@ -65,3 +65,10 @@ def test_small_images(shape):
     out = surround_fill(x, keep)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert torch.allclose(out[:, :, 1:, 1:], x[:, :, :1, :1].expand_as(out[:, :, 1:, 1:]), atol=1e-4)
+
+
+@pytest.mark.parametrize("sigma,size", [(2.0, 32), (16.0, 128), (10.0, 20)])
+def test_separable_blur_equals_blur(sigma, size):
+    from explainer.core.masking import blur, separable_blur
+    x = torch.rand(2, 4, size, size + 3, dtype=torch.float64)
+    assert torch.allclose(separable_blur(x, sigma), blur(x, sigma), atol=1e-10)

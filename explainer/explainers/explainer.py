@@ -117,6 +117,8 @@ class ExplainerModule(TrainedExplainer):
         init_encoder_from_explanandum: copy the explanandum's backbone into the
             encoder where names and shapes match (use ``tu-<its arch>``).
         decoder_kwargs: extra smp keyword arguments.
+        upsampling: "bilinear" (the network's own head) or "convex": the head's coarse masks upsampled with
+            weights predicted from the image, so their edges follow the image's (``explainer.nets.convex``).
         baseline: masking baseline ("mean", "black" or "blur"); recorded.
         lambda_ent, lambda_tv, lambda_area, lambda_mask, lambda_nontarget:
             the paper's l_e, l_tv, l_a, l_m, l_n (official defaults 1, 1, 1, 0.1, 0.3).
@@ -142,7 +144,7 @@ class ExplainerModule(TrainedExplainer):
                  lambda_nontarget: float = 0.3, lambda_class: float = 0.0, area_min: float = 0.05,
                  area_max: float = 0.3, lr: float = 1e-4, weight_decay: float = 0.0, optimizer: str = "adam",
                  lr_schedule: str = "constant", warmup_steps: int = 0, log_images: int = 4,
-                 channels_last: bool = True, inverse_fill: str = "baseline",
+                 channels_last: bool = True, inverse_fill: str = "baseline", upsampling: str = "bilinear",
                  explanandum_fingerprint: str | None = None):
         if inverse_fill not in INVERSE_FILLS:
             raise ValueError(f"inverse_fill: expected one of {INVERSE_FILLS}, got {inverse_fill!r}")
@@ -154,7 +156,7 @@ class ExplainerModule(TrainedExplainer):
         self.save_settings()
         init = self.explanandum.model if init_encoder_from_explanandum and not self.restoring else None
         self.net = build_mask_net(architecture, encoder, self.num_classes, encoder_weights, decoder_kwargs, init,
-                                  channels_last)
+                                  channels_last, upsampling)
         self.val_iou = MultilabelJaccardIndex(num_labels=self.num_classes, threshold=0.5, average="macro",
                                               ignore_index=VOID)
 

@@ -8,6 +8,8 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from explainer.nets.convex import ConvexUpsampledNet
+
 
 def build_segmentation_net(architecture: str, encoder: str, classes: int, encoder_weights: str | None = None,
                            **kwargs) -> nn.Module:
@@ -29,14 +31,29 @@ def build_segmentation_net(architecture: str, encoder: str, classes: int, encode
                          f"decoder settings {kwargs}: {err}") from err
 
 
+UPSAMPLINGS = ("bilinear", "convex")
+
+
 def build_mask_net(architecture: str, encoder: str, classes: int, encoder_weights: str | None = None,
                    decoder_kwargs: dict | None = None, init_from: nn.Module | None = None,
-                   channels_last: bool = False) -> nn.Module:
+                   channels_last: bool = False, upsampling: str = "bilinear") -> nn.Module:
     """A trained explainer's network: :func:`build_segmentation_net`, its encoder initialised from ``init_from``
-    (the explanandum's backbone; None: left as built) and its memory format channels-last if asked."""
+    (the explanandum's backbone; None: left as built) and its memory format channels-last if asked.
+
+    ``upsampling``: ``"bilinear"`` (smp's head as it is) or ``"convex"``: the head's coarse output upsampled with
+    image-guided weights (:class:`explainer.nets.convex.ConvexUpsampledNet`; architectures whose head
+    upsamples, such as FPN)."""
+    if upsampling not in UPSAMPLINGS:
+        raise ValueError(f"upsampling: expected one of {UPSAMPLINGS}, got {upsampling!r}")
     net = build_segmentation_net(architecture, encoder, classes, encoder_weights, **(decoder_kwargs or {}))
     if init_from is not None:
         init_encoder_from(net, init_from)
+    if upsampling == "convex":
+        head = getattr(net, "segmentation_head", None)
+        if head is None or len(head) < 2 or not isinstance(head[1], nn.Upsample):
+            raise ValueError(f"upsampling='convex': the {architecture} head does not upsample (its output is at "
+                             "full resolution already); use an architecture whose head upsamples, such as FPN")
+        net = ConvexUpsampledNet(net)
     if channels_last:
         net.to(memory_format=torch.channels_last)
     return net

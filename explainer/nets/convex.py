@@ -1,0 +1,76 @@
+"""Edge-aware upsampling of a coarse segmentation output, guided by the image (convex upsampling).
+
+An smp encoder-decoder whose head works at ``1/factor`` of the input (the light FPN at 1/4) draws its masks as
+blobs once upsampled bilinearly: an object's edge is smeared over ``factor`` pixels or more. Here each
+full-resolution pixel ``p`` takes a convex combination of the coarse logits in the 3 x 3 neighbourhood of its
+coarse parent ``q(p)``::
+
+    S_c(p) = sum_k w_k(p) L_c(q(p) + k),    w(p) = softmax_k(g(p)),   k in {-1, 0, 1}^2
+
+with weights ``g`` predicted at full resolution from the image, the encoder's first (stride-2) features and
+the decoder's features (RAFT's convex upsampling, Teed and Deng, ECCV 2020, used here as the image-guided
+upsampling of an explainer's masks). The weights are shared by every class, so the class maps keep what the
+coarse head decided and only their edges move to where the image has them; a class costs 9 multiply-adds per
+pixel. The weight predictor starts at zero: the initial upsampling is the 3 x 3 box mean of the parents.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvexUpsampledNet(nn.Module):
+    """An smp model (``encoder``, ``decoder``, ``segmentation_head`` = [conv, upsampling, activation]) whose head
+    is applied at the decoder's resolution and upsampled by :func:`convex_upsample` with image-guided weights.
+
+    Args:
+        base: the smp model (FPN: decoder output at 1/4 of the input).
+        guide_channels: channels of the full-resolution image features and of each projection.
+    """
+
+    def __init__(self, base: nn.Module, guide_channels: int = 8):
+        super().__init__()
+        self.encoder, self.decoder = base.encoder, base.decoder
+        self.segmentation_head = base.segmentation_head
+        dec_ch = self.segmentation_head[0].in_channels
+        g = guide_channels
+        self.image_guide = nn.Sequential(nn.Conv2d(3, g, 3, padding=1), nn.ReLU(inplace=True))
+        # smp encoders list their outputs from the input itself (stride 1) down; [1] is the stride-2 map
+        self.stem_proj = nn.Conv2d(self.encoder.out_channels[1], g, 1)
+        self.decoder_proj = nn.Conv2d(dec_ch, g, 1)
+        self.weights = nn.Conv2d(3 * g + 3, 9, 1)
+        nn.init.zeros_(self.weights.weight)
+        nn.init.zeros_(self.weights.bias)
+
+    def coarse(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        features = self.encoder(z)
+        d = self.decoder(features)
+        return self.segmentation_head[0](d), features, d
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        H, W = z.shape[-2:]
+        L, features, d = self.coarse(z)
+        stem = features[1]
+        up = dict(size=(H, W), mode="bilinear", align_corners=False)
+        guide = torch.cat([z, self.image_guide(z), F.interpolate(self.stem_proj(stem), **up),
+                           F.interpolate(self.decoder_proj(d), **up)], 1)
+        w = torch.softmax(self.weights(guide), dim=1)
+        return convex_upsample(L, w)
+
+
+def convex_upsample(L: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``S_c(p) = sum_k w_k(p) L_c(q(p) + k)`` (module docstring): coarse logits ``L`` (B, C, h, w), weights
+    ``w`` (B, 9, H, W) summing to 1 over the 3 x 3 neighbourhood (row-major, zero padding outside), with
+    ``H = f h`` and ``W = f w``; returns (B, C, H, W)."""
+    B, C, h, wd = L.shape
+    H, W = w.shape[-2:]
+    if H % h or W % wd or H // h != W // wd:
+        raise ValueError(f"convex_upsample: expected the fine grid {H}x{W} to be an integer multiple of the coarse "
+                         f"grid {h}x{wd}")
+    f = H // h
+    U = F.unfold(L, 3, padding=1).view(B, C, 9, h, wd)
+    # fine pixel (i f + a, j f + b) of coarse parent (i, j): a (C x 9) @ (9 x f f) product per parent
+    out = torch.einsum("bckij,bkiajd->bciajd", U, w.reshape(B, 9, h, f, wd, f))
+    return out.reshape(B, C, H, W)
