@@ -27,8 +27,8 @@ def config_parser() -> ArgumentParser:
     p.add_argument("--checkpoint", type=str, required=True, help="explainer .ckpt or .safetensors export")
     types = typing.get_type_hints(ServeSettings)
     for f in dataclasses.fields(ServeSettings):
-        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        p.add_argument(*flags, type=types[f.name], default=f.default, help=f.metadata["help"])
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        p.add_argument(*flags, dest=f.name, type=types[f.name], default=f.default, help=f.metadata["help"])
     return p
 
 
