@@ -190,7 +190,8 @@ class TrainedExplainer(pl.LightningModule, ExplainsImages):
             x: images (B, 3, H, W) RGB in [0, 1], any resolution and floating dtype, on any device
                 (computed in the explainer's dtype on its device; float32 masks returned on ``x``'s device).
                 A batch of 0 images gives an empty result.
-            targets: None (all classes), or int | list[int] | LongTensor (B,).
+            targets: None (all classes), or int | list[int] | LongTensor (B,); then only the channels of the
+                targets' classes are computed (:mod:`explainer.explainers.class_head`).
             batch_size: images per forward pass.
             autocast: None, "bf16" or "fp16" (mixed precision; meant for GPUs).
         """
