@@ -5,7 +5,8 @@ The last layer of a mask network maps features to one channel per class (smp's `
 operation after it (upsampling, convex upsampling, sigmoid, grid smoothing) works on each channel on its own.
 :func:`only_classes` swaps that layer, for the duration of a forward pass, for the same layer sliced to the
 wanted classes, so that ``k`` masks of a 1000-class explainer cost ``k`` channels, not 1000. A network without
-such a layer (a class-agnostic LTX: one channel for every class) computes all its channels, as before.
+such a layer (a class-agnostic LTX: one channel for every class) computes all its channels, as before. The
+swap lasts one forward pass of one caller: a module is not to be shared by threads that explain at once.
 """
 
 from __future__ import annotations
