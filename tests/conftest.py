@@ -62,7 +62,7 @@ def explain_server(tmp_path_factory):
     import sys
     from pathlib import Path
 
-    from test_serve import free_port, stop, wait_healthy
+    from helpers import free_port, stop, wait_healthy
 
     root = Path(__file__).resolve().parents[1]
     log = tmp_path_factory.mktemp("explain_server") / "server.log"

@@ -16,8 +16,8 @@ import time
 import httpx
 import numpy as np
 import pytest
+from helpers import b64, noise, png
 from PIL import Image
-from test_serve import b64, noise, png
 
 from explainer import serving
 

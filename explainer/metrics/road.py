@@ -18,7 +18,7 @@ a 64 px image with 90% of its pixels removed, 70 ms at 128 px and 0.3 s at
 removed pixels.
 
 Conventions (checked against ``pytorch_grad_cam.metrics.road``, a copy of
-the authors' code, in ``tests/test_metrics_road.py``; identical results
+the authors' code, in ``tests/metrics/test_metrics_road.py``; identical results
 with noise 0):
 
 * A percentile ``p`` means that ``round(p/100 * H*W)`` pixels are removed,

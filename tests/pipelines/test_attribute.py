@@ -20,7 +20,7 @@ from explainer.data import synthetic
 from explainer.explainers.cache import MapCache, read_manifest, shard_path
 from explainer.pipelines.attribute import attribute
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

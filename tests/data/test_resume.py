@@ -24,7 +24,7 @@ from explainer.data import VOCDataModule, synthetic
 from explainer.data.base import EpochSeededSampler
 from explainer.explainers import ExplainerModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BATCH, N_TRAIN = 4, 20
 BATCHES = N_TRAIN // BATCH  # training batches per epoch
 EPOCHS = 3

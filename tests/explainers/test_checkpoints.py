@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import explainer
 
-ROOT = Path(__file__).resolve().parents[1] / "checkpoints"
+ROOT = Path(__file__).resolve().parents[2] / "checkpoints"
 EXPLAINERS = {"synthetic_explainer.safetensors": "explainer", "synthetic_ltx.safetensors": "ltx",
               "synthetic_faithful.safetensors": "distill"}
 

@@ -6,51 +6,33 @@ port, talk to them with httpx, and always stop them.
 """
 
 import asyncio
-import base64
 import io
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from helpers import b64, free_port, noise, png, stop, wait_healthy
 from PIL import Image
 
 import explainer
 from explainer import serving as serve
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CKPT = ROOT / "checkpoints" / "synthetic_explainer.safetensors"
 NAMES = ["circle", "cross", "crescent", "ell", "ring", "square", "star", "triangle"]
 MAX_PIXELS = 20_000  # the servers' --max-image-pixels: 128 x 128 passes, 150 x 150 does not
 MAX_BYTES = 300_000  # the servers' --max-request-bytes
 
 
-def png(a: np.ndarray, **kw) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a, **kw).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def jpeg(a: np.ndarray, **kw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="JPEG", quality=90, **kw)
     return buf.getvalue()
-
-
-def noise(h: int, w: int, seed: int, channels: int = 3) -> np.ndarray:
-    shape = (h, w, channels) if channels > 1 else (h, w)
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 # ================================================================ plain functions ==
@@ -187,12 +169,6 @@ def test_masks_round_trip_and_class_selection():
 
 
 # ===================================================================== the server ==
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "explainer", "serve", "--checkpoint", str(CKPT), "--host", "127.0.0.1",
@@ -202,35 +178,6 @@ def start(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 240.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (LitServe shuts its workers down), then SIGKILL whatever is left of the process group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group of the server started above (start_new_session)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
