@@ -40,7 +40,7 @@ from explainer.explainers import cache
 from explainer.explainers.base import fingerprint
 from explainer.explainers.cache import DTYPES, TARGETS, read_manifest, write_manifest, write_shard
 from explainer.explanandum import load_explanandum
-from explainer.methods import base as method_registry
+from explainer.methods.base import get as get_method
 from explainer.pipelines.args import parse
 
 # what must agree between a cache on disk and a run that continues it
@@ -216,7 +216,7 @@ def attribute(method: str, data: str | dict, split: str, out: str | Path, option
     if spec is None:
         raise ValueError("explanandum: give --explanandum (the classifier spec) to explain")
     f = load_explanandum(spec)
-    m = method_registry.get(method, f, **options)
+    m = get_method(method, f, **options)
     n = len(ds)
     ids = [ds.image_id(i) if hasattr(ds, "image_id") else str(i) for i in range(n)]
     manifest = {"method": method, "options": options, "split": split, "image_ids": ids, "targets": targets,

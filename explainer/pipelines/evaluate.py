@@ -82,7 +82,8 @@ from explainer.core.targets import predicted_classes
 from explainer.data.base import seeded_subset
 from explainer.data.build import build_datamodule
 from explainer.explanandum import import_object, load_explanandum
-from explainer.methods import base as method_registry
+from explainer.methods.base import METHODS
+from explainer.methods.base import get as get_method
 from explainer.pipelines.args import parse, parse_object
 from explainer.pipelines.evaluate_outputs import markdown_table, save_figure, write_outputs  # noqa: F401
 
@@ -215,9 +216,9 @@ def check_method_options(methods: dict[str, dict]) -> None:
                                             "(train or download it first, or remove the method)")
         if "factory" in opts:
             continue
-        if name not in method_registry.available():
+        if name not in METHODS:
             try:
-                method_registry.METHODS.get(name)
+                METHODS.get(name)
             except ValueError as err:
                 raise ValueError(f"config.methods: {err}") from None
 
@@ -231,7 +232,7 @@ def build_method(name: str, f, opts: dict) -> Any:
             return built(f, **opts)
         except TypeError as err:
             raise TypeError(f"method {name!r} ({factory}): {err}") from err
-    return method_registry.get(name, f, **opts)
+    return get_method(name, f, **opts)
 
 
 # ---------------------------------------------------------------------------------------------- running --
@@ -310,7 +311,8 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
     if said:  # asked for more images than the split has: said in the log and in results.json
         results.update(num_images_requested=cfg["num_images"], notes=[said])
         warnings.warn(f"evaluate: {said}", stacklevel=2)
-    figure: dict[str, Any] = {"images": [], "titles": [], "maps": {}, "class_names": list(f.class_names)}
+    figure: dict[str, Any] = {"images": [], "titles": [], "regions": [], "maps": {},
+                              "class_names": list(f.class_names)}
     # build every method first: a bad option fails before hours of work on the methods before it
     built = {name: build_method(name, f, opts) for name, opts in cfg["methods"].items()}
     for name, opts in cfg["methods"].items():
@@ -359,6 +361,8 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
                 if first_method:
                     figure["images"].append(x[i].cpu())
                     figure["titles"].append(f.class_names[int(t[j])])
+                    # the class's ground-truth region, drawn as an outline (None: the image has no mask)
+                    figure["regions"].append((gt[j] == int(t[j]) + 1).cpu() if bool(has[j]) else None)
         figure["maps"][name] = fig_maps
         values, skipped = tracker.compute()
         entry: dict[str, Any] = {"seconds_per_image": seconds / max(n_img, 1),
