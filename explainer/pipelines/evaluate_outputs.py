@@ -53,7 +53,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def save_figure(figure: dict[str, Any], path: str | Path) -> Path | None:
-    """A grid PNG: one row per image, the image then each method's map overlaid (matplotlib, Agg)."""
+    """A grid PNG: one row per (image, class), the image then each method's map (min-max, jet) over it, the
+    class's ground-truth region outlined in white where the data has one, and a legend (matplotlib, Agg)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -61,29 +62,40 @@ def save_figure(figure: dict[str, Any], path: str | Path) -> Path | None:
     methods = list(figure["maps"])
     if not imgs or not methods:
         return None
+    regions = figure.get("regions") or [None] * len(imgs)
     rows, cols = len(imgs), 1 + len(methods)
-    fig = Figure(figsize=(1.8 * cols, 1.8 * rows + 0.3))
+    fig = Figure(figsize=(1.9 * cols, 1.9 * rows + 0.7))
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
+    im = None
     for r, img in enumerate(imgs):
         rgb = img.permute(1, 2, 0).clamp(0, 1).numpy()
+        region = regions[r] if r < len(regions) else None
         axes[r, 0].imshow(rgb)
-        axes[r, 0].set_ylabel(figure["titles"][r], fontsize=7)
+        axes[r, 0].set_ylabel(figure["titles"][r], fontsize=11)
         for c, meth in enumerate(methods, start=1):
             ax = axes[r, c]
             ax.imshow(rgb)
             maps = figure["maps"][meth]
             if r < len(maps):
-                m = maps[r]
-                m = minmax_normalize(m, rel_eps=0.0)
-                ax.imshow(m.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-    axes[0, 0].set_title("image", fontsize=8)
+                m = minmax_normalize(maps[r], rel_eps=0.0)
+                im = ax.imshow(m.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        for ax in axes[r]:
+            if region is not None and bool(region.any()):
+                ax.contour(region.float().numpy(), levels=[0.5], colors="white", linewidths=1.0)
+    axes[0, 0].set_title("image", fontsize=10)
     for c, meth in enumerate(methods, start=1):
-        axes[0, c].set_title(meth, fontsize=8)
+        axes[0, c].set_title(meth, fontsize=10)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.6 / (1.9 * rows + 0.7), 1, 1))
+    if im is not None:
+        cax = fig.add_axes((0.3, 0.15 / (1.9 * rows + 0.7), 0.4, 0.2 / (1.9 * rows + 0.7)))
+        fig.colorbar(im, cax=cax, orientation="horizontal")
+        cax.set_title("map (min-max per map); white outline: the class's ground-truth region; rows: the class "
+                      "explained", fontsize=8)
+        cax.tick_params(labelsize=7)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return Path(path)

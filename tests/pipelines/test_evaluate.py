@@ -118,11 +118,15 @@ def test_evaluate_matches_direct_metric_calls(setup, tiny_voc):
     d, ckpt = setup
     methods = {"grad": {"factory": f"{d / 'standin.py'}:InputGradient"}}
     cfg = config(d, ckpt, tiny_voc, methods, metrics=["deletion_auc", "miou"], num_images=4, target="predicted")
-    res, _ = E.run(cfg, progress=False)
+    res, figure = E.run(cfg, progress=False)
     f = explainer.load_explanandum(str(ckpt))
     _, ds = E.build_dataset(cfg["data"], "test", 4, 0)
     x = torch.stack([ds[i]["image"] for i in range(len(ds))])
     t = f(x).argmax(1)
+    # the figure outlines each row's class region: the ground truth of that image and class
+    for r, region in enumerate(figure["regions"]):
+        assert torch.equal(region, ds[r]["mask"] == int(t[r]) + 1)
+        assert figure["titles"][r] == f.class_names[int(t[r])]
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("standin_direct", d / "standin.py")
