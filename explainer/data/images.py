@@ -26,6 +26,7 @@ import io
 import os
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -165,7 +166,10 @@ def open_image(source: bytes | str | os.PathLike, *, formats: Sequence[str] | No
     if dims is not None and max_pixels is not None and dims[0] * dims[1] > max_pixels:
         raise _too_many(dims[0] * dims[1], max_pixels, f"{dims[0]}x{dims[1]} = ", limit_hint)
     try:
-        im = Image.open(io.BytesIO(data) if data is not None else source)
+        with warnings.catch_warnings():
+            if max_pixels is not None:  # checked below, by our own limit
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data) if data is not None else source)
     except UnidentifiedImageError:
         if data is None:
             raise ImageError(f"image: {str(source)!r} is not a readable image (not an image format Pillow "

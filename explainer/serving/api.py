@@ -27,6 +27,7 @@ import litserve as ls
 import numpy as np
 import onnxruntime as ort
 import torch
+from PIL import Image
 from starlette.responses import JSONResponse
 
 from explainer.explainers.explanation import Explanation, assemble, choose_classes, to_image_size, to_input_size
@@ -160,6 +161,9 @@ class ExplanationAPI(ls.LitAPI):
         self.batch_counts = mp.get_context("spawn").Array("q", max_batch_size + 1)
 
     def setup(self, device) -> None:
+        # Pillow's own bomb guard (an error above twice its limit) follows --max-image-pixels in this worker, so
+        # that a larger limit is honoured and a larger image is refused by decode_image, naming the flag
+        Image.MAX_IMAGE_PIXELS = self.max_image_pixels
         if self.threads:
             torch.set_num_threads(int(self.threads))
         self.torch_device = torch.device(device)

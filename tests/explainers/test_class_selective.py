@@ -16,7 +16,7 @@ from explainer.explainers import ExplainerModule, LTXModule
 from explainer.explainers.class_head import class_layer
 from explainer.explainers.explanation import top_classes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def build(which: str, tiny_cnn, tiny_vit):

@@ -31,7 +31,7 @@ from explainer.explainers.explanation import DEFAULT_INPUT_SIZE, ExplainsImages,
 from explainer.pipelines.finetune import FinetunedExplainer
 from explainer.serving import decode_mask
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CKPT = ROOT / "checkpoints" / "synthetic_explainer.safetensors"
 SIZES = [(57, 91), (128, 128), (640, 480)]  # (W, H) as PIL counts them: 57x91, 128x128, 640x480 px
 KINDS = ("rgb8", "grey16", "palette")

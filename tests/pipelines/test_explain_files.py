@@ -18,7 +18,7 @@ from PIL import Image
 
 from explainer import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CKPT = ROOT / "checkpoints" / "synthetic_explainer.safetensors"
 GOOD = ["a_good.jpg", "z_good.jpg"]
 BAD = {"b_text.png": "not a readable image", "c_truncated.jpg": "truncated JPEG", "d_empty.jpg": "not a readable"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image
 
 from explainer import serving
 
+CKPT = Path(__file__).resolve().parents[2] / "checkpoints" / "synthetic_explainer.safetensors"
 DEEP = 10_000
 BODY_TIMEOUT = 1.0  # conftest's explain_server runs with --body-timeout 1
 
@@ -82,6 +84,28 @@ def test_the_image_bomb_names_max_image_pixels(make):
     assert err.value.status == 413
     assert "900000000 pixels" in err.value.message and "--max-image-pixels" in err.value.message
     assert str(4096 * 4096) in err.value.message and "bomb" not in err.value.message.lower()
+
+
+def _jpeg(h: int, w: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(noise(h, w, 4)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_a_limit_above_pillows_is_honoured(monkeypatch):
+    """--max-image-pixels above Pillow's own bomb limit (an error above twice it; scaled down here: Pillow's
+    limit 1000 pixels, ours 40000): an image within ours is decoded, one beyond it refused with 413 naming the
+    flag, whether Pillow's guard or ours sees it first (the worker's setup sets Pillow's limit to ours)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # restored after the test
+    api = serving.ExplanationAPI(str(CKPT), {"classes": list("abcdefgh"), "input_size": 128},
+                                 max_image_pixels=40_000, max_batch_size=1)
+    api.setup("cpu")
+    within = api.decode_request({"image": b64(_jpeg(100, 120))})
+    assert isinstance(within, serving.api.Decoded) and within.size == (100, 120), within
+    for h, w in ((250, 250), (300, 300)):  # over ours only; over twice ours (Pillow's guard fires first)
+        beyond = api.decode_request({"image": b64(_jpeg(h, w))})
+        assert beyond.status == 413 and "--max-image-pixels" in beyond.message, beyond
+        assert f"{h * w} pixels, over the limit of 40000" in beyond.message, beyond
 
 
 # ===================================================================== the server ==
