@@ -105,6 +105,7 @@ class DistillModule(TrainedExplainer):
         output_grid: None, or the number of cells (>= 1) along the shorter side over which the student's masks
             are averaged at inference (see the module docstring).
         augment, rotate: joint flips (and 90-degree rotations) of images and teacher maps.
+        upsampling: "bilinear" or "convex" (image-guided upsampling of the coarse masks, as the Explainer's).
         lr, weight_decay, optimizer, lr_schedule, warmup_steps, channels_last: see TrainedExplainer.
         explanandum_fingerprint: set when restoring.
     """
@@ -123,7 +124,7 @@ class DistillModule(TrainedExplainer):
                  augment: bool = True,
                  rotate: bool = True, lr: float = 1e-3, weight_decay: float = 0.0, optimizer: str = "adam",
                  lr_schedule: str = "cosine", warmup_steps: int = 0, channels_last: bool = True,
-                 explanandum_fingerprint: str | None = None):
+                 upsampling: str = "bilinear", explanandum_fingerprint: str | None = None):
         if map_loss not in losses.MAP_LOSSES:
             raise ValueError(f"map_loss: expected one of {losses.MAP_LOSSES}, got {map_loss!r}")
         for name, v in (("lambda_map", lambda_map), ("lambda_absent", lambda_absent), ("lambda_curve", lambda_curve),
@@ -146,7 +147,7 @@ class DistillModule(TrainedExplainer):
         self.hparams.explainer_objective = objective
         init = self.explanandum.model if init_encoder_from_explanandum and not self.restoring else None
         self.net = build_mask_net(architecture, encoder, self.num_classes, encoder_weights, decoder_kwargs, init,
-                                  channels_last)
+                                  channels_last, upsampling)
         if init_from is not None and not self.restoring:
             self._init_from(init_from)
         self._cache: MapCache | None = None
