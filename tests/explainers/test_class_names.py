@@ -17,7 +17,7 @@ import explainer
 from explainer.explainers import ExplainerModule, load
 from explainer.explainers.export import export_safetensors
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
