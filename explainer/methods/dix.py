@@ -51,8 +51,8 @@ from explainer.methods.base import (
     run_expanded,
     target_scores,
 )
-from explainer.methods.iia import _expand_path, layer_reference
-from explainer.methods.vit import attention_probe, rollout, tokens_to_image, weighted_attention
+from explainer.methods.iia import _expand_path, check_variant, layer_reference
+from explainer.methods.vit import attention_gradient_maps, attention_probe, rollout, tokens_to_image
 
 # the released code combines the two CNN maps on this grid (channels, height, width) for every network
 OFFICIAL_GRID = (1024, 28, 28)
@@ -122,9 +122,7 @@ class DIX(Method):
                  steps: int | None = None, blocks: int = 2, variant: str = "faithful", normalize: bool = True,
                  **common):
         super().__init__(f, **common)
-        if variant not in ("faithful", "official"):
-            raise ValueError(f"variant: expected 'faithful' or 'official', got {variant!r}")
-        self.variant, self.normalize = variant, bool(normalize)
+        self.variant, self.normalize = check_variant(variant), bool(normalize)
         self.vit = is_vit(self.model)
         default_steps = (5 if variant == "official" else 10) if self.vit else 4
         self.steps = check_steps(steps if steps is not None else default_steps, "steps")
@@ -173,10 +171,7 @@ class DIX(Method):
 
                 with attention_probe(self.model, {idx: edit}) as att:
                     logits = self.f(x.expand(bs.shape[0], -1, -1, -1).detach().requires_grad_(True))
-                keys = sorted(att)
-                grads = torch.autograd.grad(target_scores(logits, target.expand(bs.shape[0])).sum(),
-                                            [att[k] for k in keys])
-                maps = torch.stack([weighted_attention(att[k].detach(), g).sum(dim=0) for k, g in zip(keys, grads)])
+                maps = attention_gradient_maps(att, logits, target.expand(bs.shape[0]))
                 acc = maps if acc is None else acc + maps
             total = total + rollout(list((acc / betas.shape[0]).unsqueeze(1)), n_prefix)
         return tokens_to_image(self.model, total, x.shape[-2:])

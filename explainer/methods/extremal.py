@@ -221,6 +221,34 @@ def _check_choice(value: str, choices: Sequence[str], name: str) -> str:
     return value
 
 
+def check_objective(variant: str, reward: str, baseline: str | None = None) -> None:
+    """ValueError for a ``variant`` not in :data:`VARIANTS`, a ``reward`` not in :data:`REWARDS` or (when
+    given) a ``baseline`` that :func:`explainer.core.masking.check_baseline` refuses, in that order."""
+    _check_choice(variant, VARIANTS, "variant")
+    _check_choice(reward, REWARDS, "reward")
+    if baseline is not None:
+        check_baseline(baseline)
+
+
+def ascent_step(opt: torch.optim.Optimizer, f: nn.Module, pert: Perturbation, m: torch.Tensor,
+                target: torch.Tensor, ref: torch.Tensor, lam: float, variant: str, reward: str, flip: bool) -> None:
+    """One step of ``opt`` up the energy ``reward - lam * R_a(m)`` of masks ``m`` (B, K, H, W), summed over
+    the batch (``ref``: :func:`area_reference` of their areas; ``flip``: the jitter of this step)."""
+    r = variant_reward(f, pert, m, target, variant, reward, flip=flip)
+    energy = r - lam * ranking_area_loss(m, ref)
+    opt.zero_grad(set_to_none=True)
+    (-energy.sum()).backward()
+    opt.step()
+
+
+REDUCTIONS = ("sum", "first")
+
+
+def reduce_masks(m: torch.Tensor, reduce: str) -> torch.Tensor:
+    """The attribution of K area masks (B, K, H, W): their sum (``"sum"``) or the first area's (``"first"``)."""
+    return m.sum(dim=1, keepdim=True) if reduce == "sum" else m[:, :1]
+
+
 def extremal_perturbation(f: nn.Module, x: torch.Tensor, target: TargetLike = None,
                           areas: float | Sequence[float] = (0.05, 0.1, 0.2, 0.3), *, variant: str = "preserve",
                           reward: str = "simple", max_iter: int = 800, lr: float = 0.01, momentum: float = 0.9,
@@ -249,8 +277,7 @@ def extremal_perturbation(f: nn.Module, x: torch.Tensor, target: TargetLike = No
     f = load_explanandum(f)
     check_images(x)
     areas = check_areas(areas)
-    _check_choice(variant, VARIANTS, "variant")
-    _check_choice(reward, REWARDS, "reward")
+    check_objective(variant, reward)
     _check_choice(blur_style, BLUR_STYLES, "blur_style")
     max_iter = check_steps(max_iter, "max_iter")
     if not isinstance(init, torch.Tensor) and not 0.0 <= init <= 1.0:
@@ -280,11 +307,7 @@ def extremal_perturbation(f: nn.Module, x: torch.Tensor, target: TargetLike = No
             lam = lambda0
             for it in progress_bar(range(max_iter), progress, "extremal perturbation"):
                 m = gen(p).view(b, k, *x.shape[-2:])
-                r = variant_reward(f, pert, m, tb, variant, reward, flip=jitter and it % 2 == 0)
-                energy = r - lam * ranking_area_loss(m, ref)
-                opt.zero_grad(set_to_none=True)
-                (-energy.sum()).backward()
-                opt.step()
+                ascent_step(opt, f, pert, m, tb, ref, lam, variant, reward, flip=jitter and it % 2 == 0)
                 with torch.no_grad():
                     p.clamp_(0, 1)
                 lam *= lambda_growth
@@ -311,10 +334,8 @@ class ExtremalPerturbation(Method):
                  blur_style: str = "reflect", **common):
         super().__init__(f, **common)
         self.areas = check_areas(areas)
-        self.reduce = _check_choice(reduce, ("sum", "first"), "reduce")
-        _check_choice(variant, VARIANTS, "variant")
-        _check_choice(reward, REWARDS, "reward")
-        check_baseline(baseline)
+        self.reduce = _check_choice(reduce, REDUCTIONS, "reduce")
+        check_objective(variant, reward, baseline)
         _check_choice(blur_style, BLUR_STYLES, "blur_style")
         self.options = dict(variant=variant, reward=reward, max_iter=check_steps(max_iter, "max_iter"), lr=lr,
                             momentum=momentum, lambda0=lambda0, lambda_growth=lambda_growth, step=step,
@@ -330,4 +351,4 @@ class ExtremalPerturbation(Method):
 
     def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         m = self.masks(x, target)
-        return m.sum(dim=1, keepdim=True) if self.reduce == "sum" else m[:, :1]
+        return reduce_masks(m, self.reduce)

@@ -59,7 +59,7 @@ from explainer.methods.base import (
     target_scores,
     trapezoid_weights,
 )
-from explainer.methods.vit import attention_probe, rollout, tokens_to_image, weighted_attention
+from explainer.methods.vit import attention_gradient_maps, attention_probe, rollout, tokens_to_image
 
 REFERENCES = ("channel_min", "min", "zero")
 
@@ -77,6 +77,13 @@ def layer_reference(u: torch.Tensor, kind: str = "channel_min") -> torch.Tensor:
     if kind == "zero":
         return torch.zeros_like(u)
     raise ValueError(f"reference: expected one of {REFERENCES}, got {kind!r}")
+
+
+def check_variant(variant: str) -> str:
+    """``variant`` if it is ``"faithful"`` or ``"official"`` (IIA's and DIX's), else a ValueError naming it."""
+    if variant not in ("faithful", "official"):
+        raise ValueError(f"variant: expected 'faithful' or 'official', got {variant!r}")
+    return variant
 
 
 def _expand_path(u: torch.Tensor, r: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
@@ -171,8 +178,7 @@ class IIA(Method):
                  include_input: bool = True, baseline: str = "mean", reference: str = "channel_min",
                  variant: str = "faithful", normalize: bool = True, **common):
         super().__init__(f, **common)
-        if variant not in ("faithful", "official"):
-            raise ValueError(f"variant: expected 'faithful' or 'official', got {variant!r}")
+        check_variant(variant)
         if reference not in REFERENCES:
             raise ValueError(f"reference: expected one of {REFERENCES}, got {reference!r}")
         self.variant, self.reference = variant, reference
@@ -241,10 +247,7 @@ class IIA(Method):
                 with attention_probe(self.model, {-1: lambda a, bs=bs: (bs * a.detach()).requires_grad_(True)}
                                      ) as att:
                     logits = self.f(xi[s:s + self.internal_batch_size].requires_grad_(True))
-                keys = sorted(att)
-                grads = torch.autograd.grad(target_scores(logits, target[i].repeat(logits.shape[0])).sum(),
-                                            [att[k] for k in keys])
-                maps = torch.stack([weighted_attention(att[k].detach(), g).sum(dim=0) for k, g in zip(keys, grads)])
+                maps = attention_gradient_maps(att, logits, target[i].repeat(logits.shape[0]))
                 acc = maps if acc is None else acc + maps
             out.append(rollout(list((acc / xi.shape[0]).unsqueeze(1)), n_prefix))
         return tokens_to_image(self.model, torch.cat(out), x.shape[-2:])

@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from explainer.core.images import check_images
-from explainer.core.masking import check_baseline
 from explainer.core.targets import TargetLike, resolve_targets
 from explainer.explanandum import load_explanandum
 from explainer.methods.base import (
@@ -48,13 +47,14 @@ from explainer.methods.base import (
     register,
 )
 from explainer.methods.extremal import (
-    REWARDS,
-    VARIANTS,
+    REDUCTIONS,
     Perturbation,
     _check_choice,
     area_reference,
+    ascent_step,
+    check_objective,
     default_scales,
-    ranking_area_loss,
+    reduce_masks,
     variant_reward,
 )
 from explainer.nets.inr import AreaConditionedINR
@@ -117,9 +117,7 @@ def fit_inr_masks(f: nn.Module, x: torch.Tensor, target: TargetLike = None, *,
     lo, hi = check_area_range(area_range)
     areas_per_step = check_steps(areas_per_step, "areas_per_step")
     max_iter = check_steps(max_iter, "max_iter")
-    _check_choice(variant, VARIANTS, "variant")
-    _check_choice(reward, REWARDS, "reward")
-    check_baseline(baseline)
+    check_objective(variant, reward, baseline)
     x = x.detach()
     t = resolve_targets(f, x, target)
     size = (x.shape[-2], x.shape[-1])
@@ -141,11 +139,7 @@ def fit_inr_masks(f: nn.Module, x: torch.Tensor, target: TargetLike = None, *,
                 if keep is not None:
                     m = m * keep
                 ref = area_reference(areas, size[0] * size[1], x.device)
-                r = variant_reward(f, pert, m, tb, variant, reward, flip=jitter and it % 2 == 0)
-                energy = r - lam * ranking_area_loss(m, ref)
-                opt.zero_grad(set_to_none=True)
-                (-energy.sum()).backward()
-                opt.step()
+                ascent_step(opt, f, pert, m, tb, ref, lam, variant, reward, flip=jitter and it % 2 == 0)
                 lam *= lambda_growth
             nets.append(net.eval().requires_grad_(False))
     return FittedINRMasks(nets, size, resolution, None if exclude is None else exclude.to(x.device).float())
@@ -220,7 +214,7 @@ class INRExtremalPerturbation(Method):
                  **options):
         super().__init__(f, internal_batch_size=internal_batch_size, progress=progress, seed=seed)
         self.areas = check_areas(areas)
-        self.reduce = _check_choice(reduce, ("sum", "first"), "reduce")
+        self.reduce = _check_choice(reduce, REDUCTIONS, "reduce")
         allowed = (set(inspect.signature(fit_inr_masks).parameters) | set(
             inspect.signature(AreaConditionedINR).parameters)) - {"f", "x", "target", "exclude", "batch_size",
                                                                   "seed", "progress", "groups", "net_options"}
@@ -231,9 +225,8 @@ class INRExtremalPerturbation(Method):
         check_area_range(options.get("area_range", (0.02, 0.5)))
         check_steps(options.get("areas_per_step", 4), "areas_per_step")
         check_steps(options.get("max_iter", 500), "max_iter")
-        _check_choice(options.get("variant", "preserve"), VARIANTS, "variant")
-        _check_choice(options.get("reward", "simple"), REWARDS, "reward")
-        check_baseline(options.get("baseline", "blur"))
+        check_objective(options.get("variant", "preserve"), options.get("reward", "simple"),
+                        options.get("baseline", "blur"))
         self.options = options
 
     def fit(self, x: torch.Tensor, target: TargetLike = None) -> FittedINRMasks:
@@ -244,4 +237,4 @@ class INRExtremalPerturbation(Method):
 
     def _attribute(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         m = self.fit(x, target).masks(self.areas)
-        return m.sum(dim=1, keepdim=True) if self.reduce == "sum" else m[:, :1]
+        return reduce_masks(m, self.reduce)

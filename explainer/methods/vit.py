@@ -16,7 +16,7 @@ from torch import nn
 
 from explainer.core.maps import upsample
 from explainer.core.models import is_vit
-from explainer.methods.base import forward_hooks, grid_size
+from explainer.methods.base import forward_hooks, grid_size, target_scores
 
 
 def check_vit(model: nn.Module, what: str = "f") -> None:
@@ -63,6 +63,15 @@ def attention_probe(model: nn.Module, edit: dict[int, Callable[[torch.Tensor], t
 def weighted_attention(attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``ReLU(grad * A)`` per head (Chefer et al. 2021's gradient weighting), (B, heads, N, N)."""
     return F.relu(grad * attn)
+
+
+def attention_gradient_maps(att: dict[int, torch.Tensor], logits: torch.Tensor, target: torch.Tensor
+                            ) -> torch.Tensor:
+    """``sum_rows ReLU(dy_c/dA_b * A_b)`` for every block ``b`` an :func:`attention_probe` recorded (in block
+    order) in the forward that gave ``logits`` (rows, classes), ``target`` (rows,): (blocks, heads, N, N)."""
+    keys = sorted(att)
+    grads = torch.autograd.grad(target_scores(logits, target).sum(), [att[k] for k in keys])
+    return torch.stack([weighted_attention(att[k].detach(), g).sum(dim=0) for k, g in zip(keys, grads)])
 
 
 def rollout(maps: list[torch.Tensor], num_prefix_tokens: int = 1) -> torch.Tensor:
