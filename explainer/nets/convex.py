@@ -52,12 +52,20 @@ class ConvexUpsampledNet(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         H, W = z.shape[-2:]
         L, features, d = self.coarse(z)
-        stem = features[1]
+        g = self.image_guide[0].out_channels
+        # weights(cat[z, image_guide(z), up(stem_proj(stem)), up(decoder_proj(d))]) computed part by part: the
+        # 1x1 conv is linear and commutes with the bilinear upsampling, so the low-resolution parts are mixed down
+        # to 9 channels before they are upsampled (the same values, without full-resolution concatenation)
+        Wt = self.weights.weight[:, :, 0, 0]
+        parts = torch.split(Wt, [3, g, g, g], dim=1)
+        low = F.conv2d(self.stem_proj(features[1]), parts[2][..., None, None])
         up = dict(size=(H, W), mode="bilinear", align_corners=False)
-        guide = torch.cat([z, self.image_guide(z), F.interpolate(self.stem_proj(stem), **up),
-                           F.interpolate(self.decoder_proj(d), **up)], 1)
-        w = torch.softmax(self.weights(guide), dim=1)
-        return convex_upsample(L, w)
+        logits = (F.conv2d(z, parts[0][..., None, None], self.weights.bias)
+                  + F.conv2d(self.image_guide(z), parts[1][..., None, None])
+                  + F.interpolate(low, **up)
+                  + F.interpolate(F.conv2d(self.decoder_proj(d), parts[3][..., None, None]), **up))
+        w = torch.softmax(logits.contiguous(), dim=1)
+        return convex_upsample(L.contiguous(), w)
 
 
 def convex_upsample(L: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

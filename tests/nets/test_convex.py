@@ -92,3 +92,20 @@ def test_explainer_with_convex_upsampling_explains_exports_and_runs_in_onnx(tmp_
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x64.numpy()})[0]
     assert np.abs(out - e.explain(x64).numpy()).max() < 1e-4
+
+
+def test_forward_equals_the_concatenated_guide_formula():
+    """The forward pass mixes the guide's parts down before upsampling them; it equals the docstring's formula,
+    softmax(weights(cat[z, image_guide(z), up(stem_proj(stem)), up(decoder_proj(d))]))."""
+    torch.manual_seed(0)
+    net = build_mask_net("FPN", "tu-explainer_resnet_tiny", 5, None, FPN, upsampling="convex").eval()
+    with torch.no_grad():
+        net.weights.weight.normal_(0, 0.5)
+        net.weights.bias.normal_(0, 0.5)
+        z = torch.randn(2, 3, 64, 96)
+        L, feats, d = net.coarse(z)
+        up = dict(size=(64, 96), mode="bilinear", align_corners=False)
+        guide = torch.cat([z, net.image_guide(z), F.interpolate(net.stem_proj(feats[1]), **up),
+                           F.interpolate(net.decoder_proj(d), **up)], 1)
+        ref = plain_convex_upsample(L, torch.softmax(net.weights(guide), 1))
+        assert torch.allclose(net(z), ref, atol=1e-5)
