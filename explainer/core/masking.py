@@ -32,6 +32,14 @@ def check_baseline(kind: str) -> str:
 BLUR_STYLES = ("reflect", "torchray")
 
 
+def kernel_length(sigma: float, size: Sequence[int]) -> int:
+    """Taps of the project's reflect-padded Gaussian: ``2 round(3 sigma) + 1``, shortened (odd, >= 3) when an
+    image of ``size`` (H, W) is too small to reflect it."""
+    k = int(2 * round(3 * sigma) + 1)
+    k = min(k, 2 * (min(size) - 1) - 1) if k >= min(size) * 2 - 1 else k
+    return max(3, k | 1)
+
+
 def blur(x: torch.Tensor, sigma: float, style: str = "reflect",
          fill: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
     """Gaussian blur of (B, 3, H, W) with standard deviation ``sigma`` pixels.
@@ -50,9 +58,7 @@ def blur(x: torch.Tensor, sigma: float, style: str = "reflect",
         return x
     if style == "torchray":
         return _blur_zero_padded(x, sigma, fill)
-    k = int(2 * round(3 * sigma) + 1)
-    k = min(k, 2 * (min(x.shape[-2:]) - 1) - 1) if k >= min(x.shape[-2:]) * 2 - 1 else k
-    k = max(3, k | 1)
+    k = kernel_length(sigma, x.shape[-2:])
     return TF.gaussian_blur(x, [k, k], [sigma, sigma])
 
 
@@ -103,9 +109,7 @@ def separable_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """:func:`blur`'s reflect-padded Gaussian (the same kernel length rule) as two 1-D passes: ``2 k`` taps a
     pixel instead of ``k^2``, for the wide kernels of :func:`surround_fill` (equal to :func:`blur` up to
     rounding)."""
-    k = int(2 * round(3 * sigma) + 1)
-    k = min(k, 2 * (min(x.shape[-2:]) - 1) - 1) if k >= min(x.shape[-2:]) * 2 - 1 else k
-    k = max(3, k | 1)
+    k = kernel_length(sigma, x.shape[-2:])
     r = k // 2
     if r >= min(x.shape[-2:]):  # reflect padding needs the pad smaller than the image
         return blur(x, sigma)
