@@ -105,7 +105,8 @@ class DistillModule(TrainedExplainer):
         output_grid: None, or the number of cells (>= 1) along the shorter side over which the student's masks
             are averaged at inference (see the module docstring).
         augment, rotate: joint flips (and 90-degree rotations) of images and teacher maps.
-        upsampling: "bilinear" or "convex" (image-guided upsampling of the coarse masks, as the Explainer's).
+        upsampling: "bilinear", "convex" or "convex_zero" (image-guided upsampling of the coarse masks, as the
+            Explainer's).
         lr, weight_decay, optimizer, lr_schedule, warmup_steps, channels_last: see TrainedExplainer.
         explanandum_fingerprint: set when restoring.
     """

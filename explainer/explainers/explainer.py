@@ -117,7 +117,8 @@ class ExplainerModule(TrainedExplainer):
         init_encoder_from_explanandum: copy the explanandum's backbone into the
             encoder where names and shapes match (use ``tu-<its arch>``).
         decoder_kwargs: extra smp keyword arguments.
-        upsampling: "bilinear" (the network's own head) or "convex": the head's coarse masks upsampled with
+        upsampling: "bilinear" (the network's own head) or "convex" ("convex_zero": the first models' border
+            padding, ``explainer.nets.segmentation.build_mask_net``): the head's coarse masks upsampled with
             weights predicted from the image, so their edges follow the image's (``explainer.nets.convex``).
         baseline: masking baseline ("mean", "black" or "blur"); recorded.
         lambda_ent, lambda_tv, lambda_area, lambda_mask, lambda_nontarget:

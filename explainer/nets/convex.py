@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+CONVEX_PADDINGS = ("replicate", "zero")
+
+
 class ConvexUpsampledNet(nn.Module):
     """An smp model (``encoder``, ``decoder``, ``segmentation_head`` = [conv, upsampling, activation]) whose head
     is applied at the decoder's resolution and upsampled by :func:`convex_upsample` with image-guided weights.
@@ -28,10 +31,14 @@ class ConvexUpsampledNet(nn.Module):
     Args:
         base: the smp model (FPN: decoder output at 1/4 of the input).
         guide_channels: channels of the full-resolution image features and of each projection.
+        padding: the coarse logits' padding at the border (:func:`convex_upsample`).
     """
 
-    def __init__(self, base: nn.Module, guide_channels: int = 8):
+    def __init__(self, base: nn.Module, guide_channels: int = 8, padding: str = "replicate"):
         super().__init__()
+        if padding not in CONVEX_PADDINGS:
+            raise ValueError(f"ConvexUpsampledNet: padding expected one of {CONVEX_PADDINGS}, got {padding!r}")
+        self.padding = padding
         self.encoder, self.decoder = base.encoder, base.decoder
         self.segmentation_head = base.segmentation_head
         dec_ch = self.segmentation_head[0].in_channels
@@ -65,20 +72,26 @@ class ConvexUpsampledNet(nn.Module):
                   + F.interpolate(low, **up)
                   + F.interpolate(F.conv2d(self.decoder_proj(d), parts[3][..., None, None]), **up))
         w = torch.softmax(logits.contiguous(), dim=1)
-        return convex_upsample(L.contiguous(), w)
+        return convex_upsample(L.contiguous(), w, self.padding)
 
 
-def convex_upsample(L: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def convex_upsample(L: torch.Tensor, w: torch.Tensor, padding: str = "replicate") -> torch.Tensor:
     """``S_c(p) = sum_k w_k(p) L_c(q(p) + k)`` (module docstring): coarse logits ``L`` (B, C, h, w), weights
     ``w`` (B, 9, H, W) summing to 1 over the 3 x 3 neighbourhood (row-major, zero padding outside), with
-    ``H = f h`` and ``W = f w``; returns (B, C, H, W)."""
+    ``H = f h`` and ``W = f w``; returns (B, C, H, W). ``padding``: what a neighbourhood holds outside the
+    coarse grid: ``"replicate"`` (the nearest border logit, so a mask continues to the image's edge as it is
+    inside) or ``"zero"`` (logit 0, a half-on mask: a faint strip along the border; kept to reproduce the
+    first trained models)."""
     B, C, h, wd = L.shape
     H, W = w.shape[-2:]
     if H % h or W % wd or H // h != W // wd:
         raise ValueError(f"convex_upsample: expected the fine grid {H}x{W} to be an integer multiple of the coarse "
                          f"grid {h}x{wd}")
+    if padding not in CONVEX_PADDINGS:
+        raise ValueError(f"convex_upsample: padding expected one of {CONVEX_PADDINGS}, got {padding!r}")
     f = H // h
-    U = F.unfold(L, 3, padding=1).view(B, C, 9, h, wd)
+    P = F.pad(L, (1, 1, 1, 1), mode="replicate") if padding == "replicate" else F.pad(L, (1, 1, 1, 1))
+    U = F.unfold(P, 3).view(B, C, 9, h, wd)
     # fine pixel (i f + a, j f + b) of coarse parent (i, j): a (C x 9) @ (9 x f f) product per parent
     out = torch.einsum("bckij,bkiajd->bciajd", U, w.reshape(B, 9, h, f, wd, f))
     return out.reshape(B, C, H, W)

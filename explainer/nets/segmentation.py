@@ -31,7 +31,7 @@ def build_segmentation_net(architecture: str, encoder: str, classes: int, encode
                          f"decoder settings {kwargs}: {err}") from err
 
 
-UPSAMPLINGS = ("bilinear", "convex")
+UPSAMPLINGS = ("bilinear", "convex", "convex_zero")
 
 
 def build_mask_net(architecture: str, encoder: str, classes: int, encoder_weights: str | None = None,
@@ -42,18 +42,19 @@ def build_mask_net(architecture: str, encoder: str, classes: int, encoder_weight
 
     ``upsampling``: ``"bilinear"`` (smp's head as it is) or ``"convex"``: the head's coarse output upsampled with
     image-guided weights (:class:`explainer.nets.convex.ConvexUpsampledNet`; architectures whose head
-    upsamples, such as FPN)."""
+    upsamples, such as FPN), its coarse logits replicated at the border; ``"convex_zero"``: the same with logit 0
+    outside the grid (the first convex models were trained so; :func:`explainer.nets.convex.convex_upsample`)."""
     if upsampling not in UPSAMPLINGS:
         raise ValueError(f"upsampling: expected one of {UPSAMPLINGS}, got {upsampling!r}")
     net = build_segmentation_net(architecture, encoder, classes, encoder_weights, **(decoder_kwargs or {}))
     if init_from is not None:
         init_encoder_from(net, init_from)
-    if upsampling == "convex":
+    if upsampling in ("convex", "convex_zero"):
         head = getattr(net, "segmentation_head", None)
         if head is None or len(head) < 2 or not isinstance(head[1], nn.Upsample):
             raise ValueError(f"upsampling='convex': the {architecture} head does not upsample (its output is at "
                              "full resolution already); use an architecture whose head upsamples, such as FPN")
-        net = ConvexUpsampledNet(net)
+        net = ConvexUpsampledNet(net, padding="zero" if upsampling == "convex_zero" else "replicate")
     if channels_last:
         net.to(memory_format=torch.channels_last)
     return net

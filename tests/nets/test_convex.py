@@ -17,11 +17,16 @@ from explainer.nets.segmentation import build_mask_net
 FPN = {"decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32}
 
 
-def plain_convex_upsample(L, w):
+def plain_convex_upsample(L, w, padding="replicate"):
     B, C, h, wd = L.shape
     H, W = w.shape[-2:]
     f = H // h
-    P = F.pad(L, (1, 1, 1, 1))
+    P = torch.zeros(B, C, h + 2, wd + 2, dtype=L.dtype)
+    for i in range(h + 2):
+        for j in range(wd + 2):
+            inside = 1 <= i <= h and 1 <= j <= wd
+            if inside or padding == "replicate":  # the nearest cell of the grid
+                P[:, :, i, j] = L[:, :, min(max(i - 1, 0), h - 1), min(max(j - 1, 0), wd - 1)]
     out = torch.zeros(B, C, H, W, dtype=L.dtype)
     for y in range(H):
         for x in range(W):
@@ -32,16 +37,28 @@ def plain_convex_upsample(L, w):
     return out
 
 
-def test_convex_upsample_matches_a_plain_loop():
+@pytest.mark.parametrize("padding", ["replicate", "zero"])
+def test_convex_upsample_matches_a_plain_loop(padding):
     g = torch.Generator().manual_seed(0)
     L = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
     w = torch.softmax(torch.randn(2, 9, 16, 20, generator=g, dtype=torch.float64), 1)
-    assert torch.allclose(convex_upsample(L, w), plain_convex_upsample(L, w), atol=1e-12)
+    out = convex_upsample(L, w, padding)
+    assert torch.allclose(out, plain_convex_upsample(L, w, padding), atol=1e-12)
     # a convex combination stays within the range of the neighbourhood's values
-    out = convex_upsample(L, w)
-    assert out.max() <= L.max() + 1e-12 and out.min() >= L.min() - 1e-12
+    low, high = (L.min(), L.max()) if padding == "replicate" else (L.min().clamp(max=0), L.max().clamp(min=0))
+    assert out.max() <= high + 1e-12 and out.min() >= low - 1e-12
     with pytest.raises(ValueError, match="integer multiple"):
         convex_upsample(L, w[..., :15, :])
+    with pytest.raises(ValueError, match="padding expected one of"):
+        convex_upsample(L, w, "reflect")
+
+
+def test_replicate_padding_leaves_no_border_strip():
+    # a mask that is off everywhere stays off at the border too (zero padding mixes in logit 0: sigmoid 0.5)
+    L = torch.full((1, 1, 4, 4), -8.0)
+    w = torch.full((1, 9, 16, 16), 1 / 9)
+    assert torch.sigmoid(convex_upsample(L, w)).max() < 1e-3
+    assert torch.sigmoid(convex_upsample(L, w, "zero"))[..., 0, :].max() > 0.01
 
 
 def test_starts_as_the_box_mean_of_the_parents():
@@ -51,7 +68,7 @@ def test_starts_as_the_box_mean_of_the_parents():
     z = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         L, _, _ = net.coarse(z)
-        box = F.avg_pool2d(F.pad(L, (1, 1, 1, 1)), 3, stride=1)  # zero padding counted, as in the unfold
+        box = F.avg_pool2d(F.pad(L, (1, 1, 1, 1), mode="replicate"), 3, stride=1)  # the border cells replicated
         ref = box.repeat_interleave(4, 2).repeat_interleave(4, 3)
         assert torch.allclose(net(z), ref, atol=1e-5)
 
