@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Callable
 
-from explainer.pipelines import attribute, evaluate, explain, export, finetune, quickstart, report, train
+from explainer.pipelines import attribute, evaluate, explain, export, finetune, quickstart, report, train, trust
 from explainer.serving import cli as serve
 
 
@@ -33,6 +33,7 @@ VERBS: dict[str, tuple[Callable[[list[str]], int | None], str]] = {
     "evaluate": (evaluate.main, "methods x metrics on a dataset -> results.json/.md/.png"),
     "export": (export.main, "an explainer to safetensors or ONNX, a classifier to safetensors"),
     "attribute": (attribute.main, "a method's maps over a dataset split, sharded and resumable"),
+    "trust": (trust.main, "fit an explainer's trust model on validation images, into a copy of its checkpoint"),
     "serve": (serve.main, "an explainer over HTTP (LitServe, dynamic batching)"),
     "report": (report.main, "docs/RESULTS.md from results.json files"),
     "quickstart": (quickstart.main, "the main job on the embedded default"),

@@ -30,6 +30,7 @@ from explainer.data.resume import ExactResume
 from explainer.explainers.class_head import only_classes
 from explainer.explainers.explanation import ExplainsImages
 from explainer.explainers.integrity import NonFiniteError, check_class_names, diverged, nonfinite_tensors, unusable
+from explainer.explainers.trust import TrustModel
 from explainer.explanandum import Explanandum, load_explanandum
 
 CHECKPOINT_FORMAT = "explainer.checkpoint/1"
@@ -98,6 +99,9 @@ class TrainedExplainer(pl.LightningModule, ExplainsImages):
         self.explanandum_fingerprint = fp
         self.restoring = explanandum_fingerprint is not None  # weights will come from a checkpoint
         self.input_size: int | None = None
+        # fitted on validation images by `python -m explainer trust` (explainer.explainers.trust); recorded in
+        # checkpoints and exports; None: explanation(trust=True) gives the uncalibrated score
+        self.trust_model: TrustModel | None = None
         # the explanandum's weights are not saved with the explainer: the checkpoint names it
         # (spec + fingerprint) instead
         self.strict_loading = False
@@ -322,6 +326,7 @@ class TrainedExplainer(pl.LightningModule, ExplainsImages):
                 "num_classes": f.num_classes, "multilabel": f.multilabel, "baseline": self.baseline,
                 "mean": f.mean.flatten().tolist(), "std": f.std.flatten().tolist(),
                 "input_size": self.input_size,
+                **({"trust": self.trust_model.to_dict()} if self.trust_model is not None else {}),
                 "explanandum": {"spec": f.spec, "fingerprint": self.explanandum_fingerprint,
                                 "meta": f.metadata()},
                 "hparams": hp}

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from explainer.core.images import check_images
+from explainer.explainers.trust_refine import trusted_masks
 
 DEFAULT_INPUT_SIZE = 128  # pixels a side, for an explainer that recorded no input size
 
@@ -35,13 +36,20 @@ class Explanation:
         classes: the explained classes, in the order of the masks: a LongTensor (B, K), or a list of B
             LongTensors (K_i,) when the images were given different numbers of classes.
         probabilities: (B, C) the explanandum's probabilities of every class for each image.
-
-    Later work adds fields (each with a default, so that every existing use keeps working).
+        trust: with ``trust=True``, each mask's trust in [0, 1] (higher: more reliable), shaped as ``classes``
+            (:mod:`explainer.explainers.trust`); else None.
+        keep, remove: with ``trust=True``, the classifier's probability of each mask's class with only the mask
+            kept / with the mask removed, under a blur fill no explainer trained with; shaped as ``classes``.
+        refined: with ``refine > 0``, which masks were refined per image (bool, shaped as ``classes``).
     """
 
     masks: Masks
     classes: torch.Tensor | list[torch.Tensor]
     probabilities: torch.Tensor
+    trust: torch.Tensor | list[torch.Tensor] | None = None
+    keep: torch.Tensor | list[torch.Tensor] | None = None
+    remove: torch.Tensor | list[torch.Tensor] | None = None
+    refined: torch.Tensor | list[torch.Tensor] | None = None
 
 
 def input_resolution(module: Any, size: int | None = None) -> int:
@@ -137,15 +145,27 @@ def input_batch(x: torch.Tensor | Sequence[torch.Tensor], size: int) -> tuple[to
     return torch.cat([to_input_size(im[None], size) for im in x]), [tuple(im.shape[-2:]) for im in x]
 
 
+def _like_classes(values: torch.Tensor | None, chosen: list[torch.Tensor], stacked: bool):
+    """Per-mask values (P,) split per image as the classes are: (B, K) when ``stacked``, else a list."""
+    if values is None:
+        return None
+    parts = list(torch.split(values, [len(c) for c in chosen]))
+    return (torch.stack(parts) if parts else values.reshape(0, 0)) if stacked else parts
+
+
 def assemble(masks: Sequence[torch.Tensor], chosen: list[torch.Tensor], probabilities: torch.Tensor,
-             sizes: list[tuple[int, int]], batched: bool) -> Explanation:
+             sizes: list[tuple[int, int]], batched: bool, per_mask: dict[str, torch.Tensor] | None = None
+             ) -> Explanation:
     """The :class:`Explanation` of masks (K_i, S, S) at the input size, each resized to its image's size; a
-    (B, K, H, W) tensor for a ``batched`` input whose images all have K classes, else lists."""
+    (B, K, H, W) tensor for a ``batched`` input whose images all have K classes, else lists. ``per_mask``:
+    fields of one value per mask (``trust``, ``keep``, ``remove``, ``refined``), each (P,) in mask order."""
     full = [to_image_size(m, s) for m, s in zip(masks, sizes)]
-    if len({len(c) for c in chosen}) > 1:
-        return Explanation(full, chosen, probabilities)
+    stacked = len({len(c) for c in chosen}) <= 1
+    extra = {k: _like_classes(v, chosen, stacked) for k, v in (per_mask or {}).items()}
+    if not stacked:
+        return Explanation(full, chosen, probabilities, **extra)
     classes = torch.stack(chosen) if chosen else torch.zeros(0, probabilities.shape[-1], dtype=torch.long)
-    return Explanation(torch.stack(full) if batched else full, classes, probabilities)
+    return Explanation(torch.stack(full) if batched else full, classes, probabilities, **extra)
 
 
 class ExplainsImages:
@@ -170,20 +190,29 @@ class ExplainsImages:
         Args:
             x: float RGB in [0, 1]: a (B, 3, H, W) batch, or a list of (3, H_i, W_i) images of different sizes.
             classes, top_k: which classes, see :func:`choose_classes` (default: every class).
-            trust, refine: not available yet (the defaults only).
+            trust: also give each mask's trust and its keep/remove probabilities
+                (:func:`explainer.explainers.trust.trust_signals`; the explainer's fitted trust model, else the
+                uncalibrated ``keep * (1 - remove)``).
+            refine: the fraction in [0, 1] of masks, those of lowest trust, refined by per-image finetuning
+                (:mod:`explainer.explainers.refine`); their trust is computed again. Implies ``trust``.
             size: the square input size the explainer is fed (default: :func:`input_resolution`).
 
         Each image is resized to the input size (antialiased bilinear), the explainer and the classifier run
         once on the batch, the classes are chosen (top-k ties: lower index first), and the masks are resized
         back to each image's own size (bilinear). Returns an :class:`Explanation`.
         """
-        if trust is not False or refine != 0.0:
-            raise NotImplementedError("explanation: trust=True and refine > 0 are not available yet; "
-                                      f"expected trust=False and refine=0.0, got trust={trust!r}, refine={refine!r}")
+        if not isinstance(trust, bool):
+            raise ValueError(f"trust: expected True or False, got {trust!r}")
+        if isinstance(refine, bool) or not isinstance(refine, (int, float)) or not 0 <= refine <= 1:
+            raise ValueError(f"refine: expected a fraction of the masks in [0, 1], got {refine!r}")
         xs, sizes = input_batch(x, input_resolution(self, size))
         probabilities = self.class_probabilities(xs)
         chosen = choose_classes(probabilities, classes, top_k)
         if not sizes:  # no images
             empty = torch.zeros(0, probabilities.shape[-1], *x.shape[-2:]) if isinstance(x, torch.Tensor) else []
             return Explanation(empty, torch.zeros(0, probabilities.shape[-1], dtype=torch.long), probabilities)
-        return assemble(self.selected_masks(xs, chosen), chosen, probabilities, sizes, isinstance(x, torch.Tensor))
+        masks = self.selected_masks(xs, chosen)
+        per_mask = None
+        if trust or refine > 0:
+            masks, per_mask = trusted_masks(self, xs, chosen, masks, probabilities, float(refine))
+        return assemble(masks, chosen, probabilities, sizes, isinstance(x, torch.Tensor), per_mask)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from explainer.explainers.base import CHECKPOINT_FORMAT, KINDS, TrainedExplainer
 from explainer.explainers.integrity import check_class_names, check_usable
+from explainer.explainers.trust import TrustModel
 from explainer.explanandum import read_checkpoint_metadata
 
 
@@ -92,6 +93,11 @@ def load(path: str | os.PathLike, explanandum: Any = None, map_location: str | t
         raise ValueError(f"checkpoint: {str(path)!r} does not fit a {cls.__name__} with its recorded settings: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     module.input_size = meta.get("input_size")
+    if meta.get("trust") is not None:
+        try:
+            module.trust_model = TrustModel.from_dict(meta["trust"])
+        except ValueError as err:
+            raise ValueError(f"checkpoint: {str(path)!r} holds an unreadable trust model: {err}") from err
     where = f"checkpoint {str(path)!r}"
     check_class_names(meta, module.explanandum.class_names, where, module.explanandum.spec)
     check_usable(module, where)

@@ -14,6 +14,11 @@ AdamW's update is element-wise, so one optimiser over stacked tensors equals B i
 :func:`finetune_loop` is the plain reference (one deep copy and one optimiser per image), kept for tests and
 the benchmark.
 
+The machinery itself knows nothing of LTX: :func:`finetune_rows` (stacked, vmapped) and
+:func:`finetune_rows_loop` (the plain loop) finetune rows (image, class, map channel) of any trained explainer
+with any per-row loss. :func:`finetune` passes them LTX's objective; :mod:`explainer.explainers.refine` passes
+them the same objective for every kind.
+
 Batch norm and dropout: during finetuning the explainer network is in eval mode, so batch norm uses its
 (frozen) running statistics, its affine weights are finetuned, and dropout is off. This keeps an image's
 result independent of the other images in its batch (batch statistics of a one-image batch would also differ
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -136,19 +141,45 @@ def finetune(module: LTXModule, x: torch.Tensor, targets: Any = None, steps: int
                                               objective=objective)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-    out = []
     if x.shape[0] == 0:
         return torch.zeros(0, 1, *x.shape[-2:], device=x.device)
     with finetuning_mode(module):
         xd, t, mode = _prepare(module, x, targets, mode)
-        for i in range(0, xd.shape[0], batch_size):
-            out.append(_finetune_batch(module, xd[i:i + batch_size], t[i:i + batch_size], steps, lr, wd, mode,
-                                       settings))
-    return torch.cat(out).to(x.device)
+        out = finetune_rows(module, xd, t, module.mask_channel(t), steps, lr, wd, ltx_loss(module, mode, settings),
+                            batch_size)
+    return out.to(x.device)
 
 
-def _finetune_batch(module: LTXModule, x: torch.Tensor, t: torch.Tensor, steps: int, lr: float, wd: float,
-                    mode: str, settings: LTXObjective) -> torch.Tensor:
+# loss(x, z, onehot, logits) -> (P,): the loss of each row, from its image x (P, 3, H, W), its map's logits
+# z (P, 1, H, W), its one-hot class (P, C) and the explanandum's logits on the unmasked image (P, C)
+RowLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ltx_loss(module: LTXModule, mode: str, settings: LTXObjective) -> RowLoss:
+    """The per-row loss of finetuning: ``module.objective`` with the finetuning ``mode`` and ``settings``."""
+    def loss(x: torch.Tensor, z: torch.Tensor, onehot: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return module.objective(x, z, onehot, logits, mode, settings)["loss"]
+    return loss
+
+
+def finetune_rows(module: Any, x: torch.Tensor, t: torch.Tensor, channels: torch.Tensor, steps: int, lr: float,
+                  wd: float, loss: RowLoss, batch_size: int | None = None) -> torch.Tensor:
+    """Masks (P, 1, H, W) in [0, 1] of P rows, each finetuned on its own; ``batch_size`` rows at once (None: all).
+
+    Row ``i`` starts from ``module.net`` (any trained explainer), takes ``steps`` AdamW steps (lr, weight decay
+    ``wd``, fresh state) of ``loss`` on image ``x[i]`` alone, for class ``t[i]``, with the network's map
+    ``channels[i]``, and gives that map's sigmoid. The network's parameters are stacked once per row and run
+    under ``torch.func.vmap`` (module docstring); ``module`` is not changed. Call it inside
+    :func:`finetuning_mode`, with checked inputs on the module's device.
+    """
+    n = x.shape[0] if batch_size is None else batch_size
+    out = [_finetune_batch(module, x[i:i + n], t[i:i + n], channels[i:i + n], steps, lr, wd, loss)
+           for i in range(0, x.shape[0], max(n, 1))]
+    return torch.cat(out) if out else torch.zeros(0, 1, *x.shape[-2:], device=x.device)
+
+
+def _finetune_batch(module: Any, x: torch.Tensor, t: torch.Tensor, k: torch.Tensor, steps: int, lr: float,
+                    wd: float, loss: RowLoss) -> torch.Tensor:
     net, f = module.net, module.explanandum
     B, size = x.shape[0], x.shape[-2:]
     names = [n for n, p in net.named_parameters() if p.requires_grad]
@@ -157,7 +188,6 @@ def _finetune_batch(module: LTXModule, x: torch.Tensor, t: torch.Tensor, steps: 
     stacked = {n: p.detach().unsqueeze(0).repeat(B, *([1] * p.dim())).requires_grad_(True)
                for n, p in net.named_parameters() if p.requires_grad}
     opt = _optimizer([stacked[n] for n in names], lr, wd)
-    k = module.mask_channel(t)
     with torch.no_grad():
         logits = f(x).float()
         z_in = module.net_input(x)
@@ -171,9 +201,9 @@ def _finetune_batch(module: LTXModule, x: torch.Tensor, t: torch.Tensor, steps: 
         return module.to_size(vmap(one)(params, z_in, k), size)  # (B, 1, H, W)
 
     for _ in range(steps):
-        loss = module.objective(x, logits_of(stacked), onehot, logits, mode, settings)["loss"].sum()
+        total = loss(x, logits_of(stacked), onehot, logits).sum()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         opt.step()
     with torch.no_grad():
         return torch.sigmoid(logits_of(stacked)).float()
@@ -188,24 +218,33 @@ def finetune_loop(module: LTXModule, x: torch.Tensor, targets: Any = None, steps
     """
     steps, lr, mode, settings, wd = _settings(module, x, weight_decay, preset, steps=steps, lr=lr, mode=mode,
                                               objective=objective)
-    f = module.explanandum
-    out = []
     with finetuning_mode(module):
         xd, t, mode = _prepare(module, x, targets, mode)
-        for i in range(xd.shape[0]):
-            xi, ti = xd[i:i + 1], t[i:i + 1]
-            net = copy.deepcopy(module.net).eval()
-            opt = _optimizer([p for p in net.parameters() if p.requires_grad], lr, wd)
-            k = int(module.mask_channel(ti))
-            with torch.no_grad():
-                logits = f(xi).float()
-            onehot = F.one_hot(ti, module.num_classes).float()
-            for _ in range(steps):
-                z = module.mask_logits(xi, net=net)[:, k:k + 1]
-                loss = module.objective(xi, z, onehot, logits, mode, settings)["loss"].sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                out.append(torch.sigmoid(module.mask_logits(xi, net=net)[:, k:k + 1]).float())
-    return torch.cat(out).to(x.device)
+        out = finetune_rows_loop(module, xd, t, module.mask_channel(t), steps, lr, wd,
+                                 ltx_loss(module, mode, settings))
+    return out.to(x.device)
+
+
+def finetune_rows_loop(module: Any, x: torch.Tensor, t: torch.Tensor, channels: torch.Tensor, steps: int,
+                       lr: float, wd: float, loss: RowLoss) -> torch.Tensor:
+    """The plain reference of :func:`finetune_rows` (its arguments but ``batch_size``, and its result up to
+    rounding): one deep copy of the network and one AdamW per row."""
+    f = module.explanandum
+    out = []
+    for i in range(x.shape[0]):
+        xi, ti = x[i:i + 1], t[i:i + 1]
+        net = copy.deepcopy(module.net).eval()
+        opt = _optimizer([p for p in net.parameters() if p.requires_grad], lr, wd)
+        k = int(channels[i])
+        with torch.no_grad():
+            logits = f(xi).float()
+        onehot = F.one_hot(ti, module.num_classes).float()
+        for _ in range(steps):
+            z = module.mask_logits(xi, net=net)[:, k:k + 1]
+            total = loss(xi, z, onehot, logits).sum()
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+        with torch.no_grad():
+            out.append(torch.sigmoid(module.mask_logits(xi, net=net)[:, k:k + 1]).float())
+    return torch.cat(out) if out else torch.zeros(0, 1, *x.shape[-2:], device=x.device)

@@ -66,6 +66,7 @@ from explainer.metrics.perturbation import (
     trapezoid_auc,
 )
 from explainer.metrics.regions import (
+    bad_masks,
     best_threshold,
     boundary_f1,
     choose_threshold,
@@ -73,6 +74,7 @@ from explainer.metrics.regions import (
     energy_pointing,
     iou,
     iou_grid,
+    peak_off_object,
     wrong_object,
 )
 from explainer.metrics.registry import (
@@ -93,4 +95,5 @@ __all__ = ["pointing_accuracy", "pointing_game", "segmentation_stats", "segmenta
            "PairBatch", "available", "describe", "get", "model_randomization", "randomize_explanandum",
            "rank_correlation", "linear_impute", "noisy_linear_impute", "road_morf",
            "road_lerf", "best_threshold", "boundary_f1", "choose_threshold", "class_regions", "energy_pointing",
-           "iou", "iou_grid", "wrong_object", "MethodContext", "MetricSkipped", "Prepared"]
+           "iou", "iou_grid", "wrong_object",
+           "peak_off_object", "bad_masks", "MethodContext", "MetricSkipped", "Prepared"]

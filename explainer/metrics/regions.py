@@ -191,3 +191,22 @@ def wrong_object(maps: torch.Tensor, gt: torch.Tensor, target: Target, *, void_b
     maps, _, other, _, valid = _prepare(maps, gt, target, void_band)
     peak = maps.flatten(1).argmax(1)
     return _nan_where(other.flatten(1).gather(1, peak[:, None])[:, 0], valid)
+
+
+def peak_off_object(maps: torch.Tensor, gt: torch.Tensor, target: Target, *,
+                    void_band: int = VOID_BAND) -> torch.Tensor:
+    """1.0 where the map's peak (arg-max, first in raster order) lies outside its class's region (on
+    background or on another object), else 0.0; float64 (N,)."""
+    maps, region, _, _, valid = _prepare(maps, gt, target, void_band)
+    peak = maps.flatten(1).argmax(1)
+    return _nan_where(1 - region.flatten(1).gather(1, peak[:, None])[:, 0].double(), valid)
+
+
+def bad_masks(maps: torch.Tensor, gt: torch.Tensor, target: Target, threshold: float, *, min_iou: float = 0.2,
+              void_band: int = VOID_BAND) -> torch.Tensor:
+    """1.0 for a bad mask: IoU below ``min_iou`` against its class's region at ``threshold``, or its peak off
+    the region (what a trust score should find); NaN where the map cannot be scored; float64 (N,)."""
+    ious = iou(maps, gt, target, threshold, void_band=void_band)
+    off = peak_off_object(maps, gt, target, void_band=void_band)
+    bad = ((ious < min_iou) | (off > 0.5)).double()
+    return torch.where(torch.isnan(ious), ious, bad)

@@ -26,6 +26,10 @@ def config_parser() -> ArgumentParser:
     p.add_argument("--device", type=str, default="cpu")
     p.add_argument("--explanandum", type=str | None, default=None,
                    help="override the classifier spec recorded in the checkpoint")
+    p.add_argument("--trust", type=bool, default=True,
+                   help="write each mask's trust (and keep/remove probabilities) into explanations.json")
+    p.add_argument("--refine", type=float, default=0.0,
+                   help="refine this fraction of the masks, those of lowest trust, by per-image finetuning")
     p.add_argument("--skip_bad", "--skip-bad", type=bool, default=False,
                    help="exit 0 when some files cannot be read (by default: exit 1); either way every readable "
                         "image is explained and every unreadable file is listed with its reason in "
@@ -38,5 +42,5 @@ def main(argv: list[str] | None = None) -> int:
     module = load(a.checkpoint, explanandum=a.explanandum, map_location=a.device)
     files = list_images(a.images, exclude=a.out)
     report = explain_files(module, files, a.out, top_k=a.top_k, batch_size=a.batch_size, size=a.size,
-                           root=a.images)
+                           root=a.images, trust=a.trust or a.refine > 0, refine=a.refine)
     return exit_code(report, a.out, a.skip_bad)

@@ -51,28 +51,32 @@ def output_stem(image: Path, root: Path | None) -> Path:
     return rel.parent / rel.name.replace(".", "_")
 
 
-def _write(module, img, masks, classes, probabilities, stem: Path) -> dict:
+def _write(module, img, masks, classes, probabilities, stem: Path, extra: dict | None = None) -> dict:
     names = module.explanandum.class_names
     entries = []
-    for m, c in zip(masks, classes.tolist()):
+    for k, (m, c) in enumerate(zip(masks, classes.tolist())):
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in names[c])
         q = (m.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
         viz.save_png(q, stem.parent / f"{stem.name}_{safe}_mask.png")
         viz.save_png(viz.overlay(img, m), stem.parent / f"{stem.name}_{safe}_overlay.png")
         entries.append({"class": names[c], "index": c, "probability": float(probabilities[c]),
-                        "mask_area": float(m.mean())})
+                        "mask_area": float(m.mean()),
+                        **{name: bool(v[k]) if name == "refined" else float(v[k])
+                           for name, v in (extra or {}).items()}})
     return {"top_classes": entries}
 
 
 def explain_files(module: ExplainsImages, images: list[Path], out: str | os.PathLike, top_k: int = 3,
                   batch_size: int = 16, size: int | None = None, progress: bool = True,
-                  root: str | os.PathLike | None = None) -> dict:
+                  root: str | os.PathLike | None = None, trust: bool = False, refine: float = 0.0) -> dict:
     """Write ``<name>_<class>_mask.png`` and ``_overlay.png`` for the top-k classes, and explanations.json.
 
     Outputs mirror the input tree below ``root`` (see :func:`output_stem`); explanations.json is keyed by the
     same relative paths. Each batch of images goes through ``module.explanation`` (resized to the explainer's
     input size, masks resized back to each image's size). A file that cannot be read does not stop the run: its
-    entry in explanations.json is ``{"error": reason}``, and the reason is printed on stderr.
+    entry in explanations.json is ``{"error": reason}``, and the reason is printed on stderr. ``trust``: each
+    mask's entry also holds its ``trust``, ``keep`` and ``remove``; ``refine``: the fraction of masks of lowest
+    trust (per batch) refined per image, marked ``"refined": true`` (``explanation(trust=, refine=)``).
     """
     for name, v in (("top_k", top_k), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -97,9 +101,12 @@ def explain_files(module: ExplainsImages, images: list[Path], out: str | os.Path
                 print(f"explain: skipped {key}: {err}", file=sys.stderr)
         if not good:
             continue
-        e = module.explanation(xs, top_k=k, size=size)
-        for (p, key), img, masks, classes, probs in zip(good, xs, e.masks, e.classes, e.probabilities):
-            report[key] = _write(module, img, masks.cpu(), classes, probs.cpu(), out / output_stem(p, root))
+        e = module.explanation(xs, top_k=k, size=size, trust=trust, refine=refine)
+        fields = [f for f in ("trust", "keep", "remove", "refined") if getattr(e, f) is not None]
+        for j, ((p, key), img, masks, classes, probs) in enumerate(zip(good, xs, e.masks, e.classes,
+                                                                         e.probabilities)):
+            extra = {f: getattr(e, f)[j].tolist() for f in fields}
+            report[key] = _write(module, img, masks.cpu(), classes, probs.cpu(), out / output_stem(p, root), extra)
     report = {key: report[key] for key in keys}  # in the order of the files
     atomic_write_text(out / REPORT, json.dumps(report, indent=1))
     return report

@@ -48,6 +48,7 @@ class Decoded:
     classes: tuple[int, ...] | None
     top_k: int | None
     format: str
+    trust: bool = False
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Explained:
     selected: list[int]
     masks: torch.Tensor  # (K, S, S) in [0, 1]
     format: str
+    trust: dict[str, list[float]] | None = None  # "trust", "keep", "remove": one value per mask, when asked
 
 
 @dataclass
@@ -81,6 +83,8 @@ def build_response(out: Explained, class_names: Sequence[str], png_compress_leve
     full = to_image_size(out.masks, out.size).numpy()
     masks = [{"class": class_names[c], "index": int(c), "area": float(m.mean()),
               "mask": encode_mask(m, out.format, png_compress_level)} for c, m in zip(out.selected, full)]
+    for k, entry in enumerate(masks if out.trust else []):
+        entry.update({name: float(values[k]) for name, values in out.trust.items()})
     return {"size": [int(out.size[0]), int(out.size[1])],
             "probabilities": {n: float(p) for n, p in zip(class_names, out.probabilities)},
             "masks": masks}
@@ -189,16 +193,20 @@ class ExplanationAPI(ls.LitAPI):
         except Exception as err:  # a bug or an exotic decoder error: this request fails, not its batch
             logger.exception("decoding a request failed")
             return Rejected(500, f"image: could not be decoded ({type(err).__name__})")
+        if req.trust and self.backend != "torch":
+            return Rejected(422, "trust: computed by the torch backend only; this server runs the "
+                                 f"{self.backend!r} backend (start it with --backend torch)")
         return Decoded(to_input_size(x[None], self.input_size)[0], tuple(x.shape[-2:]), req.classes, req.top_k,
-                       req.format)
+                       req.format, req.trust)
 
     def batch(self, inputs):
         return list(inputs)
 
-    def explain_batch(self, x: torch.Tensor, classes: list, top_k: list) -> Explanation:
-        """Images (B, 3, S, S) -> their :class:`Explanation` at the input size (masks (K_i, S, S)), on the CPU."""
+    def explain_batch(self, x: torch.Tensor, classes: list, top_k: list, trust: bool = False) -> Explanation:
+        """Images (B, 3, S, S) -> their :class:`Explanation` at the input size (masks (K_i, S, S)), on the CPU;
+        with each mask's trust when ``trust`` (torch backend)."""
         if self.backend == "torch":
-            return self.module.explanation(x, classes=classes, top_k=top_k, size=self.input_size)
+            return self.module.explanation(x, classes=classes, top_k=top_k, trust=trust, size=self.input_size)
         feed = {"images": x.numpy()}
         masks, probs = (torch.from_numpy(s.run(None, feed)[0]) for s in self.sessions)
         chosen = choose_classes(probs, classes, top_k)
@@ -211,12 +219,14 @@ class ExplanationAPI(ls.LitAPI):
         ok = [it for it in items if isinstance(it, Decoded)]
         if ok:
             e = self.explain_batch(torch.stack([it.x for it in ok]), [it.classes for it in ok],
-                                   [it.top_k for it in ok])
+                                   [it.top_k for it in ok], trust=any(it.trust for it in ok))
             with self.batch_counts.get_lock():
                 self.batch_counts[len(ok)] += 1
             logger.debug("forward pass of %d image(s)", len(ok))
             done = iter(Explained(it.size, e.probabilities[j].cpu().numpy(), e.classes[j].tolist(),
-                                  e.masks[j].cpu(), it.format) for j, it in enumerate(ok))
+                                  e.masks[j].cpu(), it.format,
+                                  {k: getattr(e, k)[j].tolist() for k in ("trust", "keep", "remove")}
+                                  if it.trust else None) for j, it in enumerate(ok))
             items = [next(done) if isinstance(it, Decoded) else it for it in items]
         return items[0] if single else items
 

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-FIELDS = ("image", "classes", "top_k", "format")
+FIELDS = ("image", "classes", "top_k", "format", "trust")
 MASK_FORMATS = ("png", "npy")
 MAX_JSON_DEPTH = 32  # nesting levels of a request's JSON (a valid request has 2)
 
@@ -24,12 +24,14 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class ExplainRequest:
-    """A checked request: the image's bytes, the classes asked for (indices) or top_k, the mask format."""
+    """A checked request: the image's bytes, the classes asked for (indices) or top_k, the mask format, and
+    whether each mask's trust is wanted."""
 
     image: bytes
     classes: tuple[int, ...] | None
     top_k: int | None
     format: str
+    trust: bool = False
 
 
 def json_depth(value: Any) -> int:
@@ -115,7 +117,7 @@ def parse_request(payload: Any, class_names: Sequence[str]) -> ExplainRequest:
     unknown = sorted(set(payload) - set(FIELDS))
     if unknown:
         raise RequestError(400, f"request body: unknown field(s) {unknown}; expected image (required), "
-                                "classes, top_k, format")
+                                "classes, top_k, format, trust")
     image = payload.get("image")
     if image is None:
         raise RequestError(400, "image: missing; expected base64 of the JPEG or PNG bytes")
@@ -130,10 +132,13 @@ def parse_request(payload: Any, class_names: Sequence[str]) -> ExplainRequest:
     fmt = "png" if fmt is None else fmt
     if fmt not in MASK_FORMATS:
         raise RequestError(400, f"format: expected one of {list(MASK_FORMATS)}, got {fmt!r}")
+    trust = payload.get("trust", False)
+    if not isinstance(trust, bool):
+        raise RequestError(400, f"trust: expected true or false, got {trust!r} ({type(trust).__name__})")
     index = None if classes is None else resolve_classes(classes, class_names)
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int):
             raise RequestError(400, f"top_k: expected an integer, got {top_k!r} ({type(top_k).__name__})")
         if not 1 <= top_k <= len(class_names):
             raise RequestError(422, f"top_k: expected 1..{len(class_names)} (the number of classes), got {top_k}")
-    return ExplainRequest(decode_base64(image), index, top_k, fmt)
+    return ExplainRequest(decode_base64(image), index, top_k, fmt, trust)

@@ -1,0 +1,231 @@
+"""A trust score for every mask of a one-pass explainer, computed without ground truth (docs/TRUST.md).
+
+An amortized explainer answers in one forward pass and some answers are wrong: the mask lies on another object,
+or covers its object poorly. The trust of the mask ``m`` of class ``c`` for image ``x`` is a calibrated
+probability that the mask is good, from signals that need only the classifier ``f`` and the explainer:
+
+``keep``      ``p_c(f(m x + (1 - m) blur(x)))``: the class with only the mask kept;
+``remove``    ``p_c(f((1 - m) x + m blur(x)))``: the class with the mask removed;
+``other``     the largest probability of another class with only the mask kept (a mask on another object keeps
+              that object's class);
+``prob``      ``p_c(f(x))``, the classifier's own belief in the class (a class it barely sees gets poor masks);
+``flip``      the soft IoU of the mask with the mask of the mirrored image, mirrored back (an unstable mask is
+              often a wrong one);
+``area``, ``peak``, ``crisp``: the mask's mean, its maximum, and the mean of ``|2 m - 1|`` (how decided it is).
+
+The fill is a Gaussian blur (sigma :data:`TRUST_BLUR_SIGMA`), which no trained kind of this project trains with,
+so the explainer cannot have learnt to please it. A :class:`TrustModel` maps the signals (probabilities as
+logits, the area as a log) to ``sigmoid(w . z + b)`` over standardised features: a logistic regression fitted
+on validation images with labels from their ground truth (:func:`fit_trust_model`, what ``python -m explainer
+trust`` runs; it is stored in the explainer's checkpoint). An explainer with no fitted model uses
+:data:`UNCALIBRATED`: ``keep * (1 - remove)``, a plain ranking that is not a probability.
+
+Cost: per mask two classifier passes (keep, remove), plus one class-selective explainer pass of the mirrored
+images when the model uses ``flip`` (``benchmarks/bench_trust.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from explainer.core.masking import apply_mask, blur
+
+TRUST_BLUR_SIGMA = 10.0
+FEATURES = ("keep", "remove", "other", "prob", "flip", "area", "peak", "crisp")
+_EPS = 1e-4
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(_EPS, 1 - _EPS)
+    return torch.log(p) - torch.log1p(-p)
+
+
+@dataclass(frozen=True)
+class TrustModel:
+    """``trust = sigmoid(sum_i w_i (z_i - mean_i) / std_i + b)`` over the transformed features ``z`` (module
+    docstring). ``features``: names among :data:`FEATURES`; ``fitted_on``: what it was fitted on (free text)."""
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+    fitted_on: str = ""
+
+    def __post_init__(self):
+        unknown = [f for f in self.features if f not in FEATURES]
+        if unknown:
+            raise ValueError(f"trust model: unknown features {unknown}; expected some of {list(FEATURES)}")
+        n = len(self.features)
+        if not (len(self.mean) == len(self.std) == len(self.weights) == n):
+            raise ValueError(f"trust model: expected {n} means, stds and weights (one per feature), got "
+                             f"{len(self.mean)}, {len(self.std)}, {len(self.weights)}")
+        values = [*self.mean, *self.std, *self.weights, self.bias]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) or min(self.std) <= 0:
+            raise ValueError("trust model: expected finite means, weights and bias, and stds > 0")
+
+    @property
+    def needs_flip(self) -> bool:
+        return "flip" in self.features
+
+    def score(self, signals: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Trust (P,) in [0, 1] of the signals of :func:`trust_signals`."""
+        z = design_matrix(signals, self.features)
+        mean, std = torch.tensor(self.mean, dtype=z.dtype), torch.tensor(self.std, dtype=z.dtype)
+        w = torch.tensor(self.weights, dtype=z.dtype)
+        return torch.sigmoid(((z - mean) / std) @ w + self.bias)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrustModel:
+        if not isinstance(d, dict):
+            raise ValueError(f"trust model: expected a mapping, got {type(d).__name__}")
+        missing = {"features", "mean", "std", "weights", "bias"} - set(d)
+        if missing:
+            raise ValueError(f"trust model: missing {sorted(missing)}")
+        return cls(tuple(d["features"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])),
+                   tuple(map(float, d["weights"])), float(d["bias"]), str(d.get("fitted_on", "")))
+
+
+def design_matrix(signals: dict[str, torch.Tensor], features: Sequence[str]) -> torch.Tensor:
+    """(P, F) float64: probabilities as logits, the area as a log, the rest as they are."""
+    cols = []
+    for name in features:
+        v = signals[name].double()
+        if name in ("keep", "remove", "other", "prob"):
+            v = _logit(v)
+        elif name == "area":
+            v = torch.log(v.clamp(min=_EPS))
+        cols.append(v)
+    return torch.stack(cols, 1) if cols else torch.zeros(0, 0, dtype=torch.float64)
+
+
+def uncalibrated_trust(signals: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``keep * (1 - remove)``: the trust of an explainer with no fitted :class:`TrustModel`."""
+    return (signals["keep"] * (1 - signals["remove"])).float()
+
+
+def _soft_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    inter = torch.minimum(a, b).flatten(1).sum(1)
+    union = torch.maximum(a, b).flatten(1).sum(1)
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.ones_like(union))
+
+
+@torch.no_grad()
+def trust_signals(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], masks: Sequence[torch.Tensor],
+                  probabilities: torch.Tensor, flip: bool = True, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """The signals (module docstring) of each mask, in the order of the masks: each (P,) float, P the total
+    number of masks. ``x`` (B, 3, S, S) the images at the explainer's input size, ``classes`` and ``masks``
+    (K_i,) and (K_i, S, S) per image, ``probabilities`` (B, C) the classifier's on ``x``."""
+    f = explainer.explanandum
+    device = x.device
+    rows = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(classes)]) \
+        if classes else torch.zeros(0, dtype=torch.long)
+    cls = torch.cat([c.cpu() for c in classes]) if classes else torch.zeros(0, dtype=torch.long)
+    m = torch.cat([mk.to(device) for mk in masks])[:, None].float() if masks else x.new_zeros(0, 1, *x.shape[-2:])
+    out = {"keep": [], "remove": [], "other": []}
+    for i in range(0, len(rows), batch_size):
+        r, c, mi = rows[i:i + batch_size].to(device), cls[i:i + batch_size].to(device), m[i:i + batch_size]
+        xi = x[r]
+        b = blur(xi, TRUST_BLUR_SIGMA)
+        kept = f.probabilities(f(apply_mask(xi, mi, b))).float()
+        removed = f.probabilities(f(apply_mask(xi, 1 - mi, b))).float()
+        out["keep"].append(kept.gather(1, c[:, None])[:, 0])
+        out["remove"].append(removed.gather(1, c[:, None])[:, 0])
+        others = kept.scatter(1, c[:, None], float("-inf"))
+        out["other"].append(others.max(1).values if kept.shape[1] > 1 else torch.zeros_like(c, dtype=kept.dtype))
+    signals = {k: (torch.cat(v) if v else torch.zeros(0)).cpu() for k, v in out.items()}
+    signals["prob"] = probabilities.float().cpu()[rows, cls] if len(rows) else torch.zeros(0)
+    flat = m[:, 0].cpu()
+    signals["area"] = flat.flatten(1).mean(1)
+    signals["peak"] = flat.flatten(1).max(1).values if len(rows) else torch.zeros(0)
+    signals["crisp"] = (2 * flat - 1).abs().flatten(1).mean(1)
+    if flip:
+        mirrored = explainer.selected_masks(x.flip(-1), classes)
+        back = torch.cat([mk.flip(-1).to(device) for mk in mirrored]).float().cpu() if mirrored else flat
+        signals["flip"] = _soft_iou(flat, back)
+    return signals
+
+
+def trust_of(explainer: Any, signals: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Trust (P,) from the signals: the explainer's fitted :class:`TrustModel` if it has one, else
+    :func:`uncalibrated_trust`."""
+    model = getattr(explainer, "trust_model", None)
+    return (model.score(signals) if model is not None else uncalibrated_trust(signals)).float()
+
+
+def fit_trust_model(signals: dict[str, torch.Tensor], good: torch.Tensor, features: Sequence[str] = FEATURES,
+                    l2: float = 1e-2, fitted_on: str = "") -> TrustModel:
+    """A logistic regression of ``good`` (P,) bool on the transformed, standardised signals, with an L2
+    penalty ``l2`` on the weights (full-batch L-BFGS on the mean log-loss)."""
+    features = tuple(features)
+    z = design_matrix(signals, features)
+    y = good.double().reshape(-1)
+    if z.shape[0] != y.shape[0] or z.shape[0] < 2:
+        raise ValueError(f"fit_trust_model: expected one label per mask and at least 2 masks, got {z.shape[0]} "
+                         f"masks and {y.shape[0]} labels")
+    if y.min() == y.max():
+        raise ValueError("fit_trust_model: expected good and bad masks among the labels, got only one kind")
+    mean, std = z.mean(0), z.std(0).clamp(min=1e-6)
+    zs = (z - mean) / std
+    w = torch.zeros(len(features), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(zs @ w + b, y) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return TrustModel(features, tuple(mean.tolist()), tuple(std.tolist()), tuple(w.detach().tolist()),
+                      float(b.detach()), fitted_on)
+
+
+def trust_auroc(trust: torch.Tensor, bad: torch.Tensor) -> float:
+    """How well low trust finds the bad masks: the AUROC of ``1 - trust`` against ``bad`` (torchmetrics);
+    NaN with only one kind of mask."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    bad = bad.reshape(-1).bool()
+    if bad.all() or not bad.any():
+        return float("nan")
+    return float(binary_auroc(1 - trust.reshape(-1).float(), bad.long()))
+
+
+def select_features(signals: dict[str, torch.Tensor], good: torch.Tensor, candidates: Sequence[str] = FEATURES,
+                    l2: float = 1e-2, min_gain: float = 0.002, seed: int = 0) -> tuple[list[str], float]:
+    """Greedy forward selection of features by the two-fold cross-validated AUROC on the given (validation)
+    masks: add the feature that helps most until none adds ``min_gain``. Returns the features and their
+    cross-validated AUROC."""
+    n = len(good)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    folds = ((idx[: n // 2], idx[n // 2:]), (idx[n // 2:], idx[: n // 2]))
+
+    def part(i):
+        return {k: v[i] for k, v in signals.items()}
+
+    def score(feats):
+        total = 0.0
+        for train, test in folds:
+            model = fit_trust_model(part(train), good[train], feats, l2)
+            total += trust_auroc(model.score(part(test)), ~good[test])
+        return total / 2
+
+    chosen, best = [], 0.5
+    while len(chosen) < len(candidates):
+        gains = [(score(chosen + [f]), f) for f in candidates if f not in chosen]
+        value, name = max(gains)
+        if value < best + min_gain:
+            break
+        chosen.append(name)
+        best = value
+    return chosen, best

@@ -1,0 +1,63 @@
+"""Trust and selective refinement inside :meth:`ExplainsImages.explanation` (``trust=True``, ``refine=r``).
+
+The masks of lowest trust (a fraction ``r`` of all masks in the call, ties to the earlier mask) are refined by
+per-image finetuning (:func:`explainer.explainers.refine.refine_masks`) and scored again; the others are kept as
+the one forward pass gave them. ``refine=1.0`` is plain per-image finetuning of every mask.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from explainer.explainers.trust import trust_of, trust_signals
+
+
+def _flat(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image index, class) of every mask, in mask order."""
+    if not chosen:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    rows = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(chosen)])
+    return rows, torch.cat([c.cpu() for c in chosen])
+
+
+def lowest_trust(trust: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Indices of the ``ceil(fraction * P)`` masks of lowest trust (a stable sort: ties to the earlier mask)."""
+    n = min(len(trust), math.ceil(fraction * len(trust) - 1e-9))
+    return torch.argsort(trust, stable=True)[:n]
+
+
+def trusted_masks(explainer: Any, xs: torch.Tensor, chosen: list[torch.Tensor], masks: list[torch.Tensor],
+                  probabilities: torch.Tensor, refine: float = 0.0
+                  ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The masks (refined where their trust is lowest, when ``refine`` > 0) and per-mask fields ``trust``,
+    ``keep``, ``remove``, ``refined``, each (P,) in mask order."""
+    model = getattr(explainer, "trust_model", None)
+    flip = model is not None and model.needs_flip
+    signals = trust_signals(explainer, xs, chosen, masks, probabilities, flip=flip)
+    trust = trust_of(explainer, signals)
+    refined = torch.zeros(len(trust), dtype=torch.bool)
+    if refine > 0 and len(trust):
+        from explainer.explainers.refine import refine_masks  # per-image finetuning: torch.func, LTX's terms
+
+        module = getattr(explainer, "refinable", explainer)
+        if not hasattr(module, "net"):
+            raise ValueError(f"refine: {type(explainer).__name__} has no trained network to finetune per image; "
+                             "expected a trained explainer (explainer.load of a checkpoint)")
+        pick = lowest_trust(trust, refine)
+        rows, cls = _flat(chosen)
+        flat = torch.cat([m.to(xs.device) for m in masks])
+        new = refine_masks(module, xs[rows[pick]].to(module.device), cls[pick].to(module.device))
+        flat[pick.to(flat.device)] = new[:, 0].to(flat.device, flat.dtype)
+        masks = list(torch.split(flat, [len(c) for c in chosen]))
+        # the refined masks scored again, one image at a time, with only those masks
+        sub_chosen = [cls[pick][k:k + 1] for k in range(len(pick))]
+        again = trust_signals(explainer, xs[rows[pick]], sub_chosen, [m[None] for m in flat[pick]],
+                              probabilities[rows[pick]], flip=flip)
+        for k, v in again.items():
+            signals[k][pick] = v
+        trust[pick] = trust_of(explainer, again)
+        refined[pick] = True
+    return masks, {"trust": trust, "keep": signals["keep"], "remove": signals["remove"], "refined": refined}

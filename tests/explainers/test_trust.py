@@ -1,0 +1,200 @@
+"""Trust scores (explainer.explainers.trust) and the bad-mask labels they are fitted to:
+
+* the keep / remove / other / prob / flip signals against a plain per-mask loop;
+* the logistic fit against scikit-learn's LogisticRegression with the same penalty (a peer);
+* ``explanation(trust=True)`` gives the signals and trust of each mask shaped as its classes, for batches and
+  for lists of images of different sizes; the fitted model travels in the safetensors export;
+* ``peak_off_object`` and ``bad_masks`` against a plain loop over pixels;
+* the ``trust`` verb fits, writes a new file and never touches the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import explainer
+from explainer import cli
+from explainer.core.masking import blur
+from explainer.explainers.export import export_safetensors
+from explainer.explainers.trust import (
+    FEATURES,
+    TRUST_BLUR_SIGMA,
+    TrustModel,
+    design_matrix,
+    fit_trust_model,
+    select_features,
+    trust_auroc,
+    trust_signals,
+)
+from explainer.metrics import bad_masks, iou, peak_off_object
+
+ROOT = Path(__file__).resolve().parents[2]
+CKPT = ROOT / "checkpoints" / "synthetic_explainer.safetensors"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return explainer.load(CKPT)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(3, 3, 128, 128, generator=g)
+
+
+def plain_signals(model, x, classes):
+    """Per mask: its own image, the blur by hand, the classifier on kept / removed images."""
+    f = model.explanandum
+    rows = []
+    for i, cs in enumerate(classes):
+        for c in cs.tolist():
+            xi = x[i:i + 1]
+            m = model.explain(xi, [c])  # (1, 1, S, S)
+            b = blur(xi, TRUST_BLUR_SIGMA)
+            with torch.no_grad():
+                p = f.probabilities(f(xi))[0]
+                kept = f.probabilities(f(m * xi + (1 - m) * b))[0]
+                removed = f.probabilities(f((1 - m) * xi + m * b))[0]
+            mirror = model.explain(xi.flip(-1), [c]).flip(-1)
+            inter, union = torch.minimum(m, mirror).sum(), torch.maximum(m, mirror).sum()
+            others = [float(kept[k]) for k in range(len(kept)) if k != c]
+            rows.append({"keep": float(kept[c]), "remove": float(removed[c]), "other": max(others),
+                         "prob": float(p[c]), "flip": float(inter / union), "area": float(m.mean()),
+                         "peak": float(m.max()), "crisp": float((2 * m - 1).abs().mean())})
+    return rows
+
+
+def test_signals_match_a_plain_loop(model, batch):
+    classes = [torch.tensor([0, 3]), torch.tensor([5, 1]), torch.tensor([2, 7])]
+    probs = model.class_probabilities(batch)
+    masks = model.selected_masks(batch, classes)
+    s = trust_signals(model, batch, classes, masks, probs, batch_size=4)  # batches cut across images
+    ref = plain_signals(model, batch, classes)
+    for name in FEATURES:
+        assert torch.allclose(s[name].double(), torch.tensor([r[name] for r in ref], dtype=torch.float64),
+                              atol=1e-4), name
+
+
+def test_explanation_with_trust(model, batch):
+    r = model.explanation(batch, top_k=2, trust=True)
+    assert r.trust.shape == r.keep.shape == r.remove.shape == r.classes.shape == (3, 2)
+    assert ((r.trust >= 0) & (r.trust <= 1)).all()
+    probs = model.class_probabilities(batch)
+    s = trust_signals(model, batch, list(r.classes), model.selected_masks(batch, list(r.classes)), probs,
+                      flip=False)
+    assert torch.allclose(r.keep.flatten(), s["keep"], atol=1e-5)
+    assert torch.allclose(r.remove.flatten(), s["remove"], atol=1e-5)
+    # images of different sizes and different numbers of classes: lists, one entry per image
+    imgs = [torch.rand(3, 57, 91), torch.rand(3, 128, 128)]
+    r2 = model.explanation(imgs, classes=[[1], [0, 4]], trust=True)
+    assert [t.shape for t in r2.trust] == [(1,), (2,)] and [k.shape for k in r2.keep] == [(1,), (2,)]
+    # without trust nothing is added
+    r3 = model.explanation(batch, top_k=2)
+    assert r3.trust is None and r3.keep is None and torch.equal(r3.masks, r.masks)
+    with pytest.raises(ValueError, match="trust: expected True or False"):
+        model.explanation(batch, trust="yes")
+    with pytest.raises(ValueError, match=r"refine: expected a fraction of the masks in \[0, 1\]"):
+        model.explanation(batch, refine=1.5)
+
+
+def synthetic_signals(n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = {k: torch.rand(n, generator=g) * 0.98 + 0.01 for k in FEATURES}
+    s["area"] = torch.rand(n, generator=g) * 0.3 + 0.01
+    z = design_matrix(s, FEATURES)
+    logit = 1.5 * z[:, 0] - 1.0 * z[:, 1] + 0.5 * z[:, 4] - 0.3
+    good = torch.rand(n, generator=g, dtype=torch.float64) < torch.sigmoid(logit)
+    return s, good
+
+
+def test_fit_matches_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+
+    s, good = synthetic_signals()
+    l2 = 1e-2
+    model = fit_trust_model(s, good, FEATURES, l2)
+    z = design_matrix(s, FEATURES)
+    zs = ((z - z.mean(0)) / z.std(0)).numpy()
+    # mean log-loss + l2 |w|^2  ==  (sum log-loss + |w|^2 / (2 C)) / n  with  C = 1 / (2 l2 n)
+    ref = LogisticRegression(C=1 / (2 * l2 * len(good)), tol=1e-10, max_iter=10_000).fit(zs, good.numpy())
+    assert torch.allclose(torch.tensor(model.weights), torch.tensor(ref.coef_[0]), atol=1e-4)
+    assert abs(model.bias - float(ref.intercept_[0])) < 1e-4
+    trust = model.score(s)
+    assert torch.allclose(trust.double(), torch.tensor(ref.predict_proba(zs)[:, 1]), atol=1e-4)
+    assert trust_auroc(trust, ~good) > 0.7
+    # greedy selection finds the informative features first
+    chosen, cv = select_features(s, good)
+    assert chosen[0] == "keep" and set(chosen) >= {"keep", "remove"} and cv > 0.7
+    with pytest.raises(ValueError, match="good and bad masks"):
+        fit_trust_model(s, torch.ones(len(good), dtype=torch.bool))
+
+
+def test_trust_model_travels_in_the_export(model, batch, tmp_path):
+    s, good = synthetic_signals()
+    fitted = fit_trust_model(s, good, ("keep", "remove", "flip"), fitted_on="synthetic")
+    m = explainer.load(CKPT)
+    m.trust_model = fitted
+    path = export_safetensors(m, tmp_path / "with_trust.safetensors")
+    back = explainer.load(path)
+    assert back.trust_model == fitted
+    r = back.explanation(batch, classes=[[0], [1], [2]], trust=True)
+    probs = back.class_probabilities(batch)
+    classes = [torch.tensor([0]), torch.tensor([1]), torch.tensor([2])]
+    sig = trust_signals(back, batch, classes, back.selected_masks(batch, classes), probs)
+    assert torch.allclose(r.trust.flatten(), fitted.score(sig).float(), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown features"):
+        TrustModel.from_dict({**fitted.to_dict(), "features": ["keep", "nope", "flip"]})
+
+
+def test_peak_off_object_and_bad_masks_match_a_plain_loop():
+    g = torch.Generator().manual_seed(0)
+    gt = torch.zeros(6, 16, 16, dtype=torch.long)
+    gt[:, 2:8, 2:8] = 1
+    gt[:, 9:14, 9:14] = 2
+    maps = torch.rand(6, 1, 16, 16, generator=g) * 0.1
+    maps[0, 0, 4, 4] = 1  # on its object
+    maps[1, 0, 10, 10] = 1  # on the other object
+    maps[2, 0, 0, 15] = 1  # on background
+    maps[3, 0, 2:8, 2:8] = 1  # the whole object
+    maps[4, 0, 2:4, 2:4] = 1  # a corner of it: low IoU, peak inside
+    maps[5, 0, 2:8, 2:8] = 0.9
+    maps[5, 0, 12, 12] = 1  # right region, peak elsewhere
+    target = torch.zeros(6, dtype=torch.long)
+    off = peak_off_object(maps, gt, target, void_band=0)
+    ious = iou(maps, gt, target, 0.5, void_band=0)
+    for i in range(6):
+        m = maps[i, 0]
+        y, x = divmod(int(m.flatten().argmax()), 16)
+        assert off[i] == float(gt[i, y, x] != 1)
+        pred = (m - m.min()) / (m.max() - m.min()) > 0.5
+        inter = (pred & (gt[i] == 1)).sum()
+        union = (pred | (gt[i] == 1)).sum()
+        assert abs(float(ious[i]) - float(inter / union)) < 1e-9
+    bad = bad_masks(maps, gt, target, 0.5, min_iou=0.2, void_band=0)
+    assert bad.tolist() == [float(ious[i] < 0.2 or off[i] > 0) for i in range(6)]
+    assert bad[3] == 0 and bad[1] == 1 and bad[4] == 1 and bad[5] == 1
+
+
+def test_trust_verb_fits_and_writes_a_new_file(tiny_voc, tmp_path, capsys):
+    ckpt = tmp_path / "e.safetensors"
+    ckpt.write_bytes(CKPT.read_bytes())
+    before = ckpt.read_bytes()
+    out, report = tmp_path / "trusted.safetensors", tmp_path / "trust.json"
+    data = {"class_path": "explainer.data.SyntheticDataModule",
+            "init_args": {"root": str(tiny_voc), "num_images": {"train": 24, "val": 12, "test": 12},
+                          "image_size": 64, "num_workers": 0}}
+    rc = cli.main(["trust", "--checkpoint", str(ckpt), "--out", str(out), "--data", json.dumps(data),
+                   "--num_images", "12", "--features", "[keep, remove]", "--min_iou", "0.5",
+                   "--test_split", "test", "--test_images", "12", "--report", str(report)])
+    assert rc == 0 and ckpt.read_bytes() == before
+    rep = json.loads(report.read_text())
+    back = explainer.load(out)
+    assert back.trust_model is not None and list(back.trust_model.features) == ["keep", "remove"]
+    assert rep["features"] == ["keep", "remove"] and 0 <= rep["test"]["bad_share"] <= 1
+    assert cli.main(["trust", "--checkpoint", str(ckpt), "--out", str(ckpt)]) == 1
+    assert "never overwritten" in capsys.readouterr().err and ckpt.read_bytes() == before
