@@ -11,7 +11,13 @@ probability that the mask is good, from signals that need only the classifier ``
 ``prob``      ``p_c(f(x))``, the classifier's own belief in the class (a class it barely sees gets poor masks);
 ``flip``      the soft IoU of the mask with the mask of the mirrored image, mirrored back (an unstable mask is
               often a wrong one);
-``area``, ``peak``, ``crisp``: the mask's mean, its maximum, and the mean of ``|2 m - 1|`` (how decided it is).
+``area``, ``peak``, ``crisp``: the mask's mean, its maximum, and the mean of ``|2 m - 1|`` (how decided it is);
+``core``      ``p_c`` with only the mask's core kept (its pixels above half its maximum, blur elsewhere): a mask
+              whose peak is off the object keeps little of it;
+``confusion`` the largest soft IoU of the mask with the masks of the :data:`CONFUSION_CLASSES` most probable
+              other classes (a mask drawn on another class's object overlaps that class's mask);
+``gradcam``   the soft IoU of the mask with the class's Grad-CAM map (min-max normalised): agreement with a
+              cheap second explanation that comes from the classifier's gradients, not from the explainer.
 
 The fill is a Gaussian blur (sigma :data:`TRUST_BLUR_SIGMA`), which no trained kind of this project trains with,
 so the explainer cannot have learnt to please it. A :class:`TrustModel` maps the signals (probabilities as
@@ -20,8 +26,10 @@ on validation images with labels from their ground truth (:func:`fit_trust_model
 trust`` runs; it is stored in the explainer's checkpoint). An explainer with no fitted model uses
 :data:`UNCALIBRATED`: ``keep * (1 - remove)``, a plain ranking that is not a probability.
 
-Cost: per mask two classifier passes (keep, remove), plus one class-selective explainer pass of the mirrored
-images when the model uses ``flip`` (``benchmarks/bench_trust.py``).
+Cost: per mask three classifier passes (keep, remove, core), plus class-selective explainer passes: of the
+mirrored images when the model uses ``flip``, of the rival classes when it uses ``confusion``
+and one Grad-CAM (a backward pass of the classifier) per mask when it uses ``gradcam``
+(``benchmarks/bench_trust.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ import torch
 from explainer.core.masking import apply_mask, blur
 
 TRUST_BLUR_SIGMA = 10.0
-FEATURES = ("keep", "remove", "other", "prob", "flip", "area", "peak", "crisp")
+FEATURES = ("keep", "remove", "other", "prob", "flip", "area", "peak", "crisp", "core", "confusion", "gradcam")
+CONFUSION_CLASSES = 3  # the most probable other classes whose masks ``confusion`` compares with
 _EPS = 1e-4
 
 
@@ -72,6 +81,14 @@ class TrustModel:
     def needs_flip(self) -> bool:
         return "flip" in self.features
 
+    @property
+    def needs_confusion(self) -> bool:
+        return "confusion" in self.features
+
+    @property
+    def needs_gradcam(self) -> bool:
+        return "gradcam" in self.features
+
     def score(self, signals: dict[str, torch.Tensor]) -> torch.Tensor:
         """Trust (P,) in [0, 1] of the signals of :func:`trust_signals`."""
         z = design_matrix(signals, self.features)
@@ -98,7 +115,7 @@ def design_matrix(signals: dict[str, torch.Tensor], features: Sequence[str]) -> 
     cols = []
     for name in features:
         v = signals[name].double()
-        if name in ("keep", "remove", "other", "prob"):
+        if name in ("keep", "remove", "other", "prob", "core"):
             v = _logit(v)
         elif name == "area":
             v = torch.log(v.clamp(min=_EPS))
@@ -119,7 +136,8 @@ def _soft_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def trust_signals(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], masks: Sequence[torch.Tensor],
-                  probabilities: torch.Tensor, flip: bool = True, batch_size: int = 64) -> dict[str, torch.Tensor]:
+                  probabilities: torch.Tensor, flip: bool = True, confusion: bool = True, gradcam: bool = True,
+                  batch_size: int = 64) -> dict[str, torch.Tensor]:
     """The signals (module docstring) of each mask, in the order of the masks: each (P,) float, P the total
     number of masks. ``x`` (B, 3, S, S) the images at the explainer's input size, ``classes`` and ``masks``
     (K_i,) and (K_i, S, S) per image, ``probabilities`` (B, C) the classifier's on ``x``."""
@@ -129,13 +147,16 @@ def trust_signals(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], 
         if classes else torch.zeros(0, dtype=torch.long)
     cls = torch.cat([c.cpu() for c in classes]) if classes else torch.zeros(0, dtype=torch.long)
     m = torch.cat([mk.to(device) for mk in masks])[:, None].float() if masks else x.new_zeros(0, 1, *x.shape[-2:])
-    out = {"keep": [], "remove": [], "other": []}
+    out = {"keep": [], "remove": [], "other": [], "core": []}
     for i in range(0, len(rows), batch_size):
         r, c, mi = rows[i:i + batch_size].to(device), cls[i:i + batch_size].to(device), m[i:i + batch_size]
         xi = x[r]
         b = blur(xi, TRUST_BLUR_SIGMA)
         kept = f.probabilities(f(apply_mask(xi, mi, b))).float()
         removed = f.probabilities(f(apply_mask(xi, 1 - mi, b))).float()
+        core = (mi > 0.5 * mi.flatten(1).max(1).values.view(-1, 1, 1, 1)).to(xi.dtype)
+        cored = f.probabilities(f(apply_mask(xi, core, b))).float()
+        out["core"].append(cored.gather(1, c[:, None])[:, 0])
         out["keep"].append(kept.gather(1, c[:, None])[:, 0])
         out["remove"].append(removed.gather(1, c[:, None])[:, 0])
         others = kept.scatter(1, c[:, None], float("-inf"))
@@ -146,11 +167,53 @@ def trust_signals(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], 
     signals["area"] = flat.flatten(1).mean(1)
     signals["peak"] = flat.flatten(1).max(1).values if len(rows) else torch.zeros(0)
     signals["crisp"] = (2 * flat - 1).abs().flatten(1).mean(1)
+    if gradcam:
+        signals["gradcam"] = _gradcam_agreement(explainer, x, rows, cls, flat, batch_size)
+    if confusion:
+        signals["confusion"] = _confusion(explainer, x, classes, flat, probabilities)
     if flip:
         mirrored = explainer.selected_masks(x.flip(-1), classes)
         back = torch.cat([mk.flip(-1).to(device) for mk in mirrored]).float().cpu() if mirrored else flat
         signals["flip"] = _soft_iou(flat, back)
     return signals
+
+
+def _gradcam_agreement(explainer: Any, x: torch.Tensor, rows: torch.Tensor, cls: torch.Tensor, flat: torch.Tensor,
+                       batch_size: int) -> torch.Tensor:
+    """Per mask: soft IoU with the min-max normalised Grad-CAM map of its class (:mod:`explainer.methods`)."""
+    from explainer.methods import get as get_method
+
+    if not len(rows):
+        return torch.zeros(0)
+    cam = get_method("gradcam", explainer.explanandum)
+    out = []
+    with torch.inference_mode(False), torch.enable_grad():
+        for i in range(0, len(rows), batch_size):
+            r, c = rows[i:i + batch_size], cls[i:i + batch_size]
+            g = cam.attribute(x[r.to(x.device)].clone(), c.to(x.device)).detach().float().cpu()[:, 0]
+            g = g - g.flatten(1).min(1).values.view(-1, 1, 1)
+            g = g / g.flatten(1).max(1).values.clamp(min=1e-12).view(-1, 1, 1)
+            out.append(_soft_iou(g, flat[i:i + batch_size]))
+    return torch.cat(out)
+
+
+def _confusion(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], flat: torch.Tensor,
+               probabilities: torch.Tensor) -> torch.Tensor:
+    """Per mask: the largest soft IoU with the masks of the most probable other classes of its image."""
+    C = probabilities.shape[1]
+    k = min(CONFUSION_CLASSES + 1, C)
+    rivals = [torch.argsort(-p.cpu(), stable=True)[:k] for p in probabilities]
+    masks = explainer.selected_masks(x, rivals)
+    out, j = [], 0
+    for cs, rv, mk in zip(classes, rivals, masks):
+        mk = mk.float().cpu()
+        for c in cs.tolist():
+            keep = rv != c
+            others = mk[keep][:CONFUSION_CLASSES]
+            m = flat[j]
+            out.append(_soft_iou(m.expand_as(others), others).max() if len(others) else torch.tensor(0.0))
+            j += 1
+    return torch.stack(out) if out else torch.zeros(0)
 
 
 def trust_of(explainer: Any, signals: dict[str, torch.Tensor]) -> torch.Tensor:

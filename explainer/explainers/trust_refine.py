@@ -36,7 +36,10 @@ def trusted_masks(explainer: Any, xs: torch.Tensor, chosen: list[torch.Tensor], 
     ``keep``, ``remove``, ``refined``, each (P,) in mask order."""
     model = getattr(explainer, "trust_model", None)
     flip = model is not None and model.needs_flip
-    signals = trust_signals(explainer, xs, chosen, masks, probabilities, flip=flip)
+    confusion = model is not None and model.needs_confusion
+    gradcam = model is not None and model.needs_gradcam
+    needs = dict(flip=flip, confusion=confusion, gradcam=gradcam)
+    signals = trust_signals(explainer, xs, chosen, masks, probabilities, **needs)
     trust = trust_of(explainer, signals)
     refined = torch.zeros(len(trust), dtype=torch.bool)
     if refine > 0 and len(trust):
@@ -55,7 +58,7 @@ def trusted_masks(explainer: Any, xs: torch.Tensor, chosen: list[torch.Tensor], 
         # the refined masks scored again, one image at a time, with only those masks
         sub_chosen = [cls[pick][k:k + 1] for k in range(len(pick))]
         again = trust_signals(explainer, xs[rows[pick]], sub_chosen, [m[None] for m in flat[pick]],
-                              probabilities[rows[pick]], flip=flip)
+                              probabilities[rows[pick]], **needs)
         for k, v in again.items():
             signals[k][pick] = v
         trust[pick] = trust_of(explainer, again)

@@ -32,7 +32,7 @@ SYNTHETIC = {"class_path": "explainer.data.SyntheticDataModule",
                            "num_workers": 0}}
 
 
-def collect(e: Any, dm: Any, split: str, n: int, batch_size: int = 32, flip: bool = True) -> dict[str, Any]:
+def collect(e: Any, dm: Any, split: str, n: int, batch_size: int = 32) -> dict[str, Any]:
     """Signals, maps (P, 1, S, S), segmentations (P, S, S) and classes (P,) of the ground-truth classes' masks
     of the first ``n`` images of ``split``, and the seconds the signals took."""
     ds = dm.dataset(split, train_transform=False)
@@ -46,7 +46,7 @@ def collect(e: Any, dm: Any, split: str, n: int, batch_size: int = 32, flip: boo
             probs = e.class_probabilities(x)
             masks = e.selected_masks(x, chosen)
             t = time.perf_counter()
-            signals.append(trust_signals(e, x, chosen, masks, probs, flip=flip))
+            signals.append(trust_signals(e, x, chosen, masks, probs))
             seconds += time.perf_counter() - t
         for it, c, m in zip(items, chosen, masks):
             maps.append(m[:, None].cpu())
@@ -80,7 +80,8 @@ def config_parser() -> ArgumentParser:
     p.add_argument("--config", action="config")
     p.add_argument("--checkpoint", type=str, required=True)
     p.add_argument("--out", type=str, required=True, help="the safetensors file to write (not the checkpoint)")
-    p.add_argument("--data", type=dict, default=SYNTHETIC, help="datamodule section (class_path, init_args)")
+    p.add_argument("--data", type=dict[str, Any] | None, default=None,
+                   help="datamodule section (class_path, init_args); default: the embedded benchmark")
     p.add_argument("--split", type=str, default="val", help="the images the model is fitted on")
     p.add_argument("--num_images", "--num-images", type=PositiveInt, default=300)
     p.add_argument("--features", type=list[str] | None, default=None,
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--out: expected a new file, got the checkpoint itself (it is never overwritten)")
     e = load(a.checkpoint)
     e.trust_model = None
-    dm = build_datamodule(a.data)
+    dm = build_datamodule(a.data or SYNTHETIC)
     val = collect(e, dm, a.split, a.num_images)
     threshold = choose_threshold(val["maps"], val["gt"], val["classes"])
     signals, bad = labelled(val, threshold, a.min_iou)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"checkpoint": a.checkpoint, "features": features, "cv_auroc": cv, "iou_threshold": threshold,
               "fit": summary(trust_of(e, signals), bad), "model": e.trust_model.to_dict()}
     if a.test_split:
-        test = collect(e, dm, a.test_split, a.test_images, flip=e.trust_model.needs_flip)
+        test = collect(e, dm, a.test_split, a.test_images)
         t_signals, t_bad = labelled(test, threshold, a.min_iou)
         report["test"] = {**summary(trust_of(e, t_signals), t_bad), "split": a.test_split,
                           "signals_ms_per_image": 1000 * test["seconds"] / test["images"]}

@@ -197,7 +197,7 @@ def test_verb_server_and_explanation_give_identical_masks(files, explain_server,
                            json={"image": base64.b64encode(path.read_bytes()).decode(), "top_k": k, "format": fmt})
             assert r.status_code == 200, r.text
             ans = r.json()
-            assert ans["size"] == [H, W]
+            assert ans["size"] == [H, W] and "trust" not in ans["masks"][0]  # only when asked
             assert [m["index"] for m in ans["masks"]] == e.classes[0].tolist()
             assert np.allclose([ans["probabilities"][n] for n in names], e.probabilities[0].numpy(), atol=1e-5)
             for j, m in enumerate(ans["masks"]):
@@ -206,6 +206,17 @@ def test_verb_server_and_explanation_give_identical_masks(files, explain_server,
                     assert np.array_equal((served * 255).round().astype(np.uint8), ours[j]), (name, j)
                 else:
                     assert np.array_equal(served, e.masks[0][j].numpy().astype(np.float16).astype(np.float32))
+        # trust: the verb writes it by default, the server answers it when asked; both equal explanation()'s
+        t = model.explanation([read_image(path)], top_k=k, trust=True)
+        assert torch.equal(t.masks[0], e.masks[0])
+        for field in ("trust", "keep", "remove"):
+            assert np.allclose([c[field] for c in report[name]["top_classes"]], getattr(t, field)[0].numpy(),
+                               atol=1e-5), (name, field)
+        r = httpx.post(server + "/predict", timeout=120,
+                       json={"image": base64.b64encode(path.read_bytes()).decode(), "top_k": k, "trust": True})
+        assert r.status_code == 200, r.text
+        for field in ("trust", "keep", "remove"):
+            assert np.allclose([m[field] for m in r.json()["masks"]], getattr(t, field)[0].numpy(), atol=1e-5)
         for j, c in enumerate(e.classes[0].tolist()):
             stem = path.name.replace(".", "_")
             written = np.asarray(Image.open(tmp_path / "out" / f"{stem}_{names[c]}_mask.png"))

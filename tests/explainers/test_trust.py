@@ -48,24 +48,38 @@ def batch():
 
 
 def plain_signals(model, x, classes):
-    """Per mask: its own image, the blur by hand, the classifier on kept / removed images."""
+    """Per mask: its own image, the blur by hand, the classifier on kept / removed images, Grad-CAM and the
+    rival classes' masks one at a time."""
     f = model.explanandum
+    cam = explainer.methods.get("gradcam", f)
     rows = []
+
+    def soft_iou(a, b):
+        return float(torch.minimum(a, b).sum() / torch.maximum(a, b).sum())
+
     for i, cs in enumerate(classes):
+        xi = x[i:i + 1]
+        every = model.explain(xi)[0]  # (C, S, S)
         for c in cs.tolist():
-            xi = x[i:i + 1]
             m = model.explain(xi, [c])  # (1, 1, S, S)
             b = blur(xi, TRUST_BLUR_SIGMA)
+            core = (m > 0.5 * m.max()).float()
             with torch.no_grad():
                 p = f.probabilities(f(xi))[0]
                 kept = f.probabilities(f(m * xi + (1 - m) * b))[0]
                 removed = f.probabilities(f((1 - m) * xi + m * b))[0]
+                cored = f.probabilities(f(core * xi + (1 - core) * b))[0]
             mirror = model.explain(xi.flip(-1), [c]).flip(-1)
-            inter, union = torch.minimum(m, mirror).sum(), torch.maximum(m, mirror).sum()
+            g = cam.attribute(xi, [c]).detach()
+            g = (g - g.min()) / (g.max() - g.min()) if g.max() > g.min() else torch.zeros_like(g)  # flat: no agreement
+            order = sorted(range(len(p)), key=lambda k: (-float(p[k]), k))[:4]
+            rivals = [k for k in order if k != c][:3]
             others = [float(kept[k]) for k in range(len(kept)) if k != c]
             rows.append({"keep": float(kept[c]), "remove": float(removed[c]), "other": max(others),
-                         "prob": float(p[c]), "flip": float(inter / union), "area": float(m.mean()),
-                         "peak": float(m.max()), "crisp": float((2 * m - 1).abs().mean())})
+                         "prob": float(p[c]), "flip": soft_iou(m, mirror), "area": float(m.mean()),
+                         "peak": float(m.max()), "crisp": float((2 * m - 1).abs().mean()),
+                         "core": float(cored[c]), "confusion": max(soft_iou(m[0, 0], every[k]) for k in rivals),
+                         "gradcam": soft_iou(m[0], g[0])})
     return rows
 
 
@@ -122,7 +136,7 @@ def test_fit_matches_scikit_learn():
     zs = ((z - z.mean(0)) / z.std(0)).numpy()
     # mean log-loss + l2 |w|^2  ==  (sum log-loss + |w|^2 / (2 C)) / n  with  C = 1 / (2 l2 n)
     ref = LogisticRegression(C=1 / (2 * l2 * len(good)), tol=1e-10, max_iter=10_000).fit(zs, good.numpy())
-    assert torch.allclose(torch.tensor(model.weights), torch.tensor(ref.coef_[0]), atol=1e-4)
+    assert torch.allclose(torch.tensor(model.weights, dtype=torch.float64), torch.tensor(ref.coef_[0]), atol=1e-4)
     assert abs(model.bias - float(ref.intercept_[0])) < 1e-4
     trust = model.score(s)
     assert torch.allclose(trust.double(), torch.tensor(ref.predict_proba(zs)[:, 1]), atol=1e-4)
@@ -174,7 +188,7 @@ def test_peak_off_object_and_bad_masks_match_a_plain_loop():
         pred = (m - m.min()) / (m.max() - m.min()) > 0.5
         inter = (pred & (gt[i] == 1)).sum()
         union = (pred | (gt[i] == 1)).sum()
-        assert abs(float(ious[i]) - float(inter / union)) < 1e-9
+        assert abs(float(ious[i]) - int(inter) / int(union)) < 1e-9
     bad = bad_masks(maps, gt, target, 0.5, min_iou=0.2, void_band=0)
     assert bad.tolist() == [float(ious[i] < 0.2 or off[i] > 0) for i in range(6)]
     assert bad[3] == 0 and bad[1] == 1 and bad[4] == 1 and bad[5] == 1
@@ -198,3 +212,13 @@ def test_trust_verb_fits_and_writes_a_new_file(tiny_voc, tmp_path, capsys):
     assert rep["features"] == ["keep", "remove"] and 0 <= rep["test"]["bad_share"] <= 1
     assert cli.main(["trust", "--checkpoint", str(ckpt), "--out", str(ckpt)]) == 1
     assert "never overwritten" in capsys.readouterr().err and ckpt.read_bytes() == before
+
+
+def test_request_trust_field_is_checked():
+    from explainer.serving.schema import RequestError, parse_request
+
+    ok = parse_request({"image": "aGVsbG8=", "trust": True}, ["a", "b"])
+    assert ok.trust is True and parse_request({"image": "aGVsbG8="}, ["a", "b"]).trust is False
+    with pytest.raises(RequestError, match="trust: expected true or false") as err:
+        parse_request({"image": "aGVsbG8=", "trust": "yes"}, ["a", "b"])
+    assert err.value.status == 400
