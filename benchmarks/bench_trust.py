@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--plot", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--cost-only", action="store_true")
     a = p.parse_args()
 
     import explainer
@@ -79,6 +80,9 @@ def main() -> None:
         print(f"explanation(top_k=2) {base / 32 * 1000:.2f} ms/image; with trust {trusted / 32 * 1000:.2f} ms/image; "
               f"ratio {trusted / base:.2f} (goal <= 3)", flush=True)
 
+    if a.cost_only:
+        print(json.dumps(out, indent=1))
+        return
     # the explainer's threshold, chosen on validation images
     xv, cv, gv = load_split("val", a.val_images)
     rows_v = torch.cat([torch.full((len(c),), i) for i, c in enumerate(cv)])

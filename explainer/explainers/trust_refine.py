@@ -35,10 +35,7 @@ def trusted_masks(explainer: Any, xs: torch.Tensor, chosen: list[torch.Tensor], 
     """The masks (refined where their trust is lowest, when ``refine`` > 0) and per-mask fields ``trust``,
     ``keep``, ``remove``, ``refined``, each (P,) in mask order."""
     model = getattr(explainer, "trust_model", None)
-    flip = model is not None and model.needs_flip
-    confusion = model is not None and model.needs_confusion
-    gradcam = model is not None and model.needs_gradcam
-    needs = dict(flip=flip, confusion=confusion, gradcam=gradcam)
+    needs = {"features": model.features if model is not None else ()}
     signals = trust_signals(explainer, xs, chosen, masks, probabilities, **needs)
     trust = trust_of(explainer, signals)
     refined = torch.zeros(len(trust), dtype=torch.bool)

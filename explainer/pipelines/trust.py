@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     threshold = choose_threshold(val["maps"], val["gt"], val["classes"])
     signals, bad = labelled(val, threshold, a.min_iou)
     if a.features:
-        features, cv = list(a.features), float("nan")
+        features, cv = list(a.features), None
     else:
         features, cv = select_features(signals, ~bad, l2=a.l2)
         if not features:

@@ -100,7 +100,7 @@ def test_explanation_with_trust(model, batch):
     assert ((r.trust >= 0) & (r.trust <= 1)).all()
     probs = model.class_probabilities(batch)
     s = trust_signals(model, batch, list(r.classes), model.selected_masks(batch, list(r.classes)), probs,
-                      flip=False)
+                      features=())
     assert torch.allclose(r.keep.flatten(), s["keep"], atol=1e-5)
     assert torch.allclose(r.remove.flatten(), s["remove"], atol=1e-5)
     # images of different sizes and different numbers of classes: lists, one entry per image
@@ -110,6 +110,11 @@ def test_explanation_with_trust(model, batch):
     # without trust nothing is added
     r3 = model.explanation(batch, top_k=2)
     assert r3.trust is None and r3.keep is None and torch.equal(r3.masks, r.masks)
+    # only what is asked is computed; keep and remove always
+    assert set(s) == {"keep", "remove", "other", "prob", "area", "peak", "crisp"}
+    with pytest.raises(ValueError, match="features: unknown"):
+        trust_signals(model, batch, list(r.classes), model.selected_masks(batch, list(r.classes)), probs,
+                      features=("nope",))
     with pytest.raises(ValueError, match="trust: expected True or False"):
         model.explanation(batch, trust="yes")
     with pytest.raises(ValueError, match=r"refine: expected a fraction of the masks in \[0, 1\]"):
