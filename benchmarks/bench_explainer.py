@@ -1,7 +1,7 @@
 """Speed of the Explainer: all-class ``explain()`` against one-class Grad-CAM, and training throughput.
 
     python benchmarks/bench_explainer.py [--checkpoint runs/explainer/checkpoints/best.ckpt]
-        [--batch 32] [--repeats 5] [--train-steps 30]
+        [--batch 32] [--repeats 5] [--train-steps 30] [--precision 32|bf16-mixed]
 
 Same explanandum, same batch of test images at 128 px, one run:
 
@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--precision", default="32", help="the training steps' precision: 32 or bf16-mixed")
     p.add_argument("--data-root", default="data/synthetic")
     a = p.parse_args()
 
@@ -107,7 +108,7 @@ def main() -> None:
     timer = Timer()
     dm_train = SyntheticDataModule(root=a.data_root, num_images={"train": 6000, "val": 500, "test": 1000},
                                    batch_size=16, num_workers=1, rotate90=True)
-    pl.Trainer(max_steps=a.train_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    pl.Trainer(max_steps=a.train_steps, precision=a.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, limit_val_batches=0, callbacks=[timer]).fit(model, dm_train)
     busy = timer.step + timer.wait
 

@@ -89,6 +89,9 @@ def form_to_payload(fields: Sequence[tuple[str, str | bytes]]) -> dict:
             payload[name] = base64.b64encode(value).decode("ascii") if isinstance(value, bytes) else value
         elif name == "top_k":
             payload[name] = _form_item(_form_text(name, value))
+        elif name == "trust":  # "true" / "false" in a form; anything else is passed on and refused by the schema
+            text = _form_text(name, value)
+            payload[name] = {"true": True, "false": False}.get(text.strip().lower(), text)
         else:
             payload[name] = _form_text(name, value)
     if classes is not None:
