@@ -109,7 +109,8 @@ def main() -> None:
     dm_train = SyntheticDataModule(root=a.data_root, num_images={"train": 6000, "val": 500, "test": 1000},
                                    batch_size=16, num_workers=1, rotate90=True)
     pl.Trainer(max_steps=a.train_steps, precision=a.precision, logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[timer]).fit(model, dm_train)
+               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+               callbacks=[timer]).fit(model, dm_train)
     busy = timer.step + timer.wait
 
     B, C = x.shape[0], f.num_classes

@@ -19,12 +19,12 @@ probability that the mask is good, from signals that need only the classifier ``
 ``gradcam``   the soft IoU of the mask with the class's Grad-CAM map (min-max normalised): agreement with a
               cheap second explanation that comes from the classifier's gradients, not from the explainer.
 
-The fill is a Gaussian blur (sigma :data:`TRUST_BLUR_SIGMA`, reflect padding, computed once per image), which
-no trained kind of this project trains with, so the explainer cannot have learnt to please it. A :class:`TrustModel` maps the signals (probabilities as
-logits, the area as a log) to ``sigmoid(w . z + b)`` over standardised features: a logistic regression fitted
-on validation images with labels from their ground truth (:func:`fit_trust_model`, what ``python -m explainer
-trust`` runs; it is stored in the explainer's checkpoint). An explainer with no fitted model uses
-:data:`UNCALIBRATED`: ``keep * (1 - remove)``, a plain ranking that is not a probability.
+The fill is a Gaussian blur (sigma :data:`TRUST_BLUR_SIGMA`, reflect padding, computed once per image), which no
+trained kind of this project trains with, so the explainer cannot have learnt to please it. A :class:`TrustModel`
+maps the signals (probabilities as logits, the area as a log) to ``sigmoid(w . z + b)`` over standardised features:
+a logistic regression fitted on validation images with labels from their ground truth (:func:`fit_trust_model`, what
+``python -m explainer trust`` runs; it is stored in the explainer's checkpoint). An explainer with no fitted model
+uses :func:`uncalibrated_trust`: ``keep * (1 - remove)``, a plain ranking that is not a probability.
 
 Cost: only the signals the model uses are computed. Per mask one classifier pass of the kept and one of the
 removed image (batched together) and a third for ``core``; class-selective explainer passes of the mirrored
