@@ -42,7 +42,7 @@ def trusted_masks(explainer: Any, xs: torch.Tensor, chosen: list[torch.Tensor], 
     if refine > 0 and len(trust):
         from explainer.explainers.refine import refine_masks  # per-image finetuning: torch.func, LTX's terms
 
-        module = getattr(explainer, "refinable", explainer)
+        module = explainer
         if not hasattr(module, "net"):
             raise ValueError(f"refine: {type(explainer).__name__} has no trained network to finetune per image; "
                              "expected a trained explainer (explainer.load of a checkpoint)")

@@ -67,7 +67,7 @@ def form_to_payload(fields: Sequence[tuple[str, str | bytes]]) -> dict:
 
     ``image`` is a file part (its bytes) or text (base64). ``classes`` may be
     repeated, comma-separated or a JSON list; decimal integers are class
-    indices. ``top_k`` is an integer in text. Other fields are passed on as
+    indices. ``top_k`` is an integer in text; ``trust`` is ``true`` or ``false``. Other fields are passed on as
     text (:func:`~explainer.serving.schema.parse_request` rejects unknown ones).
     """
     payload: dict[str, Any] = {}

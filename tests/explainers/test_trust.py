@@ -227,3 +227,35 @@ def test_request_trust_field_is_checked():
     with pytest.raises(RequestError, match="trust: expected true or false") as err:
         parse_request({"image": "aGVsbG8=", "trust": "yes"}, ["a", "b"])
     assert err.value.status == 400
+
+
+def test_form_trust_field():
+    from explainer.serving.guard import form_to_payload
+    from explainer.serving.schema import RequestError, parse_request
+
+    assert form_to_payload([("image", b"x"), ("trust", "true")])["trust"] is True
+    assert form_to_payload([("image", b"x"), ("trust", " False ")])["trust"] is False
+    with pytest.raises(RequestError, match="trust: expected true or false"):
+        parse_request(form_to_payload([("image", b"x"), ("trust", "maybe")]), ["a", "b"])
+
+
+def test_refine_replaces_the_least_trusted_masks(model, batch):
+    """explanation(refine=r): the ceil(r P) masks of lowest trust are refine_masks' masks of those rows, the others
+    are the one-pass masks; the refined ones are flagged and scored again."""
+    from explainer.explainers.refine import refine_masks
+
+    base = model.explanation(batch, top_k=2, trust=True)
+    r = model.explanation(batch, top_k=2, refine=0.5)
+    flat_trust = base.trust.flatten()
+    pick = torch.argsort(flat_trust, stable=True)[:3]  # ceil(0.5 * 6)
+    assert r.refined.flatten().nonzero()[:, 0].sort().values.tolist() == pick.sort().values.tolist()
+    rows, cls = pick // 2, base.classes.flatten()[pick]
+    expected = refine_masks(model, batch[rows], cls)[:, 0]
+    got = r.masks.flatten(0, 1)
+    assert torch.allclose(got[pick], expected, atol=1e-5)
+    keep = torch.ones(6, dtype=torch.bool)
+    keep[pick] = False
+    assert torch.equal(got[keep], base.masks.flatten(0, 1)[keep])
+    assert torch.equal(r.trust.flatten()[keep], flat_trust[keep])
+    assert not torch.allclose(got[pick], base.masks.flatten(0, 1)[pick], atol=1e-3)  # refinement changed them
+    assert model.explanation(batch, top_k=1, refine=1.0).refined.all()
