@@ -165,7 +165,7 @@ class ExplainerModule(TrainedExplainer):
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         hp = self.hparams
         x, y = batch["image"], batch["labels"]
-        S = self(x)
+        S = self(x).float()  # under bf16 autocast the mask terms (area quantiles, TV) are still taken in fp32
         s = torch.sigmoid(S)
         out = explainer_objective(self, x, y, S, {k: hp[k] for k in OBJECTIVE_DEFAULTS}, s,
                                   hp.get("inverse_fill", "baseline"))

@@ -254,3 +254,33 @@ def test_check_config_rejects_unknown_keys(tmp_path):
     bad.write_text(open("configs/synthetic/explainer.yaml").read().replace("lambda_tv:", "lambda_tvv:"))
     with pytest.raises(ValueError, match="lambda_tvv"):
         check_config(bad)
+
+
+def test_bf16_mixed_trains_and_explains(tiny_voc, clf, tmp_path):
+    """precision bf16-mixed on the CPU (the quickstart config's option): the autocast loss of the config's
+    architecture (FPN, convex upsampling, surround fill) is the fp32 loss up to bf16 rounding; a bf16 fit keeps
+    fp32 weights, finite, and its explainer gives masks in [0, 1] that load back from the checkpoint."""
+    kw = tiny_explainer_kwargs(clf, architecture="FPN", decoder_kwargs={"decoder_pyramid_channels": 32,
+                               "decoder_segmentation_channels": 32}, upsampling="convex", inverse_fill="surround",
+                               lambda_class=1.0)
+    torch.manual_seed(0)
+    model = ExplainerModule(**kw)
+    ref = ExplainerModule(**kw)
+    ref.load_state_dict(model.state_dict())
+    dm = _dm(tiny_voc)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.compute_losses(batch)
+        full = ref.compute_losses(batch)
+    # the classifier's terms within 3 %; the mask terms, through the untrained network's bf16 convolutions (logits
+    # of a few units, rounded at about 0.4 % a layer), within 10 %
+    for k, rel in (("cls", 0.03), ("ent", 0.03), ("area", 0.1), ("mask", 0.1), ("loss", 0.1)):
+        assert abs(float(low[k]) - float(full[k])) <= rel * abs(float(full[k])) + 0.01, (k, low[k], full[k])
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    _trainer(tmp_path, precision="bf16-mixed", callbacks=[ck], enable_checkpointing=True).fit(model, dm)
+    changed = any(not torch.equal(a, b) for a, b in zip(model.net.parameters(), ref.net.parameters()))
+    assert changed and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.net.parameters())
+    m = load(tmp_path / "ck" / "last.ckpt").explain(torch.rand(2, 3, 64, 64))
+    assert m.dtype == torch.float32 and torch.isfinite(m).all() and 0 <= m.min() and m.max() <= 1
