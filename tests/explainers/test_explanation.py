@@ -131,10 +131,11 @@ def test_bad_arguments_say_what_was_expected(model):
         model.explanation(x, classes=[1, 8])
     with pytest.raises(ValueError, match=r"one entry per image \(2\), got 3"):
         model.explanation(x, classes=[1, 2, 3])
-    with pytest.raises(NotImplementedError, match="trust"):
-        model.explanation(x, trust=True)
-    with pytest.raises(NotImplementedError, match="refine"):
-        model.explanation(x, refine=0.5)
+    with pytest.raises(ValueError, match="trust: expected True or False"):
+        model.explanation(x, trust=1)
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match=r"refine: expected a fraction of the masks in \[0, 1\]"):
+            model.explanation(x, refine=bad)
     with pytest.raises(ValueError, match=r"x\[1\]"):
         model.explanation([torch.rand(3, 8, 8), torch.rand(8, 8)])
 
