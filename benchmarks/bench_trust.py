@@ -26,16 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def _best(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+from bench_explainer import _time as _best  # best of n after a warm-up (run from the repository root)
 
 
 def main() -> None:
