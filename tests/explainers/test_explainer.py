@@ -239,12 +239,37 @@ def test_wandb_offline_run_holds_metrics(tiny_voc, clf, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("cfg", ["configs/synthetic/explainer.yaml", "configs/voc/explainer.yaml",
-                                 "configs/coco/explainer.yaml", "configs/synthetic/explanandum.yaml"])
+                                 "configs/coco/explainer.yaml", "configs/imagenet/explainer.yaml",
+                                 "configs/synthetic/explanandum.yaml"])
 def test_configs_parse(cfg):
     """Every shipped config type-checks against the classes it names (without building models or data)."""
     from explainer.pipelines.train import check_config
 
     check_config(cfg)
+
+
+@pytest.mark.parametrize("cfg,classes", [("configs/voc/explainer.yaml", 20), ("configs/coco/explainer.yaml", 80),
+                                         ("configs/imagenet/explainer.yaml", 1000)])
+def test_real_data_configs_build_their_model(cfg, classes):
+    """The GPU configs' model, built as written with a randomly initialised ResNet-50 of the dataset's class count
+    in place of the trained classifier file: the encoder is initialised from it and explains 224-px images (one
+    class of 1000, or all of 20 and 80)."""
+    import yaml
+
+    from explainer.explanandum import load_explanandum
+
+    conf = yaml.safe_load(open(cfg))
+    assert conf["trainer"]["sync_batchnorm"] and conf["trainer"]["devices"] == -1
+    torch.manual_seed(0)
+    f = load_explanandum("timm:resnet50", num_classes=classes, class_names=[f"c{i}" for i in range(classes)],
+                         multilabel=classes < 1000)
+    model = ExplainerModule(**{**conf["model"]["init_args"], "explanandum": f}).eval()
+    enc = dict(model.net.encoder.named_parameters())
+    stem = next(k for k in enc if k.endswith("conv1.weight"))
+    assert torch.equal(enc[stem], dict(f.model.named_parameters())["conv1.weight"])
+    x = torch.rand(1, 3, 224, 224)
+    m = model.explain(x, [classes - 1]) if classes == 1000 else model.explain(x)
+    assert m.shape == ((1, 1, 224, 224) if classes == 1000 else (1, classes, 224, 224)) and torch.isfinite(m).all()
 
 
 def test_check_config_rejects_unknown_keys(tmp_path):
