@@ -26,6 +26,7 @@ from explainer.core import viz
 from explainer.core.constants import VOID
 from explainer.core.masking import surround_fill
 from explainer.explainers.base import TrainedExplainer, register_kind
+from explainer.explainers.trust import trust_of, trust_signals
 from explainer.nets.segmentation import build_mask_net
 
 
@@ -208,23 +209,43 @@ class ExplainerModule(TrainedExplainer):
             tgt = torch.where((gt == VOID)[:, None], torch.full_like(tgt, VOID), tgt)
             self.val_iou.update(s[hm], tgt)
         if batch_idx == 0 and self.hparams.log_images:
-            self._log_panel(batch["image"][: self.hparams.log_images], s[: self.hparams.log_images],
-                            present[: self.hparams.log_images])
+            n = self.hparams.log_images
+            self._log_panel(batch["image"][:n], s[:n], present[:n])
+            self._log_least_trusted(batch["image"], s, present, n)
 
     def on_validation_epoch_end(self):
         if self.val_iou.update_count:
             self.log("val/miou", self.val_iou.compute(), sync_dist=True, prog_bar=True)
         self.val_iou.reset()
 
-    def _log_panel(self, x, s, present):
+    def _log_least_trusted(self, x, s, present, n):
+        """The ``n`` masks of present classes with the lowest trust in the first validation batch (the fitted
+        trust model if the module has one, else ``keep * (1 - remove)``), one per row, as ``val/least_trusted``."""
+        if self.trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        chosen = [p.nonzero()[:, 0] for p in present]
+        if not sum(len(c) for c in chosen):
+            return
+        masks = [s[i, c] for i, c in enumerate(chosen)]
+        features = self.trust_model.features if self.trust_model is not None else ()
+        with self.explanandum.unchecked():
+            probs = self.explanandum.probabilities(self.explanandum(x)).float()
+            trust = trust_of(self, trust_signals(self, x, chosen, masks, probs, features))
+        pick = torch.argsort(trust, stable=True)[:n]
+        rows = torch.cat([torch.full((len(c),), i) for i, c in enumerate(chosen)])[pick]
+        cls = torch.cat(chosen).cpu()[pick]
+        one = F.one_hot(cls, self.num_classes).bool()
+        self._log_panel(x[rows.to(x.device)], s[rows.to(x.device)], one, key="least_trusted")
+
+    def _log_panel(self, x, s, present, key="masks"):
         if self.trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
         panel = viz.mask_panel(x, s, present, self.class_names)
         for logger in self.loggers:
             name = type(logger).__name__
             if name == "WandbLogger":
-                logger.log_image(key="val/masks", images=[panel], step=self.global_step)
+                logger.log_image(key=f"val/{key}", images=[panel], step=self.global_step)
             elif name == "TensorBoardLogger":
-                logger.experiment.add_image("val/masks", panel, self.global_step, dataformats="HWC")
+                logger.experiment.add_image(f"val/{key}", panel, self.global_step, dataformats="HWC")
             elif getattr(logger, "log_dir", None):
-                viz.save_png(panel, Path(logger.log_dir) / "masks" / f"epoch{self.current_epoch:03d}.png")
+                viz.save_png(panel, Path(logger.log_dir) / key / f"epoch{self.current_epoch:03d}.png")

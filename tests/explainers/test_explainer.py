@@ -235,7 +235,33 @@ def test_wandb_offline_run_holds_metrics(tiny_voc, clf, tmp_path, monkeypatch):
         time.sleep(0.5)
     for key in (b"val/loss", b"val/miou", b"train/loss_step", b"lambda_ent", b"area_max"):
         assert key in data, key
-    assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))  # the mask panels
+    panels = [str(p) for p in (runs[0] / "files" / "media" / "images").rglob("*.png")]
+    assert any("masks" in p for p in panels)  # the mask panels
+    assert any("least_trusted" in p for p in panels), panels  # and the least trusted masks of the validation
+
+
+def test_least_trusted_panel_shows_the_lowest_trust_masks(trained, monkeypatch):
+    """The panel's rows are the present-class masks of lowest trust (the plain score without a fitted model)."""
+    from explainer.explainers.trust import trust_signals, uncalibrated_trust
+
+    model, _, _ = trained
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 3, 64, 64, generator=g)
+    present = torch.zeros(4, model.num_classes, dtype=torch.bool)
+    present[0, [0, 2]] = present[1, 1] = present[2, [1, 3]] = present[3, 0] = True
+    with torch.no_grad():
+        s = model.explain(x)
+    seen = {}
+    monkeypatch.setattr(model, "_log_panel", lambda x, s, present, key="masks": seen.update(x=x, present=present))
+    monkeypatch.setattr(model, "_trainer", type("T", (), {"sanity_checking": False, "is_global_zero": True})())
+    model._log_least_trusted(x, s, present, 2)
+    chosen = [p.nonzero()[:, 0] for p in present]
+    probs = model.explanandum.probabilities(model.explanandum(x))
+    t = uncalibrated_trust(trust_signals(model, x, chosen, [s[i, c] for i, c in enumerate(chosen)], probs, ()))
+    rows = torch.cat([torch.full((len(c),), i) for i, c in enumerate(chosen)])
+    order = torch.argsort(t, stable=True)[:2]
+    assert torch.equal(seen["x"], x[rows[order]])
+    assert seen["present"].nonzero()[:, 1].tolist() == torch.cat(chosen)[order].tolist()
 
 
 @pytest.mark.parametrize("cfg", ["configs/synthetic/explainer.yaml", "configs/voc/explainer.yaml",
