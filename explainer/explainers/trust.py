@@ -56,8 +56,9 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TrustModel:
-    """``trust = sigmoid(sum_i w_i (z_i - mean_i) / std_i + b)`` over the transformed features ``z`` (module
-    docstring). ``features``: names among :data:`FEATURES`; ``fitted_on``: what it was fitted on (free text)."""
+    """``trust = sigmoid(w . u + b)`` with ``u`` the standardised transformed features ``(z_i - mean_i) / std_i``
+    (module docstring), followed, with ``interactions``, by their pairwise products ``u_i u_j`` (``i <= j``, in
+    row-major order). ``features``: names among :data:`FEATURES`; ``fitted_on``: what it was fitted on."""
 
     features: tuple[str, ...]
     mean: tuple[float, ...]
@@ -65,14 +66,16 @@ class TrustModel:
     weights: tuple[float, ...]
     bias: float
     fitted_on: str = ""
+    interactions: bool = False
 
     def __post_init__(self):
         unknown = [f for f in self.features if f not in FEATURES]
         if unknown:
             raise ValueError(f"trust model: unknown features {unknown}; expected some of {list(FEATURES)}")
         n = len(self.features)
-        if not (len(self.mean) == len(self.std) == len(self.weights) == n):
-            raise ValueError(f"trust model: expected {n} means, stds and weights (one per feature), got "
+        terms = n + n * (n + 1) // 2 if self.interactions else n
+        if not (len(self.mean) == len(self.std) == n and len(self.weights) == terms):
+            raise ValueError(f"trust model: expected {n} means and stds (one per feature) and {terms} weights, got "
                              f"{len(self.mean)}, {len(self.std)}, {len(self.weights)}")
         values = [*self.mean, *self.std, *self.weights, self.bias]
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) or min(self.std) <= 0:
@@ -83,7 +86,8 @@ class TrustModel:
         z = design_matrix(signals, self.features)
         mean, std = torch.tensor(self.mean, dtype=z.dtype), torch.tensor(self.std, dtype=z.dtype)
         w = torch.tensor(self.weights, dtype=z.dtype)
-        return torch.sigmoid(((z - mean) / std) @ w + self.bias)
+        u = (z - mean) / std
+        return torch.sigmoid((with_interactions(u) if self.interactions else u) @ w + self.bias)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -96,7 +100,14 @@ class TrustModel:
         if missing:
             raise ValueError(f"trust model: missing {sorted(missing)}")
         return cls(tuple(d["features"]), tuple(map(float, d["mean"])), tuple(map(float, d["std"])),
-                   tuple(map(float, d["weights"])), float(d["bias"]), str(d.get("fitted_on", "")))
+                   tuple(map(float, d["weights"])), float(d["bias"]), str(d.get("fitted_on", "")),
+                   bool(d.get("interactions", False)))
+
+
+def with_interactions(u: torch.Tensor) -> torch.Tensor:
+    """(P, F) -> (P, F + F (F + 1) / 2): the columns, then their pairwise products ``u_i u_j`` (``i <= j``)."""
+    i, j = torch.triu_indices(u.shape[1], u.shape[1])
+    return torch.cat([u, u[:, i] * u[:, j]], 1)
 
 
 def design_matrix(signals: dict[str, torch.Tensor], features: Sequence[str]) -> torch.Tensor:
@@ -221,9 +232,10 @@ def trust_of(explainer: Any, signals: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def fit_trust_model(signals: dict[str, torch.Tensor], good: torch.Tensor, features: Sequence[str] = FEATURES,
-                    l2: float = 1e-2, fitted_on: str = "") -> TrustModel:
-    """A logistic regression of ``good`` (P,) bool on the transformed, standardised signals, with an L2
-    penalty ``l2`` on the weights (full-batch L-BFGS on the mean log-loss)."""
+                    l2: float = 1e-2, fitted_on: str = "", interactions: bool = False) -> TrustModel:
+    """A logistic regression of ``good`` (P,) bool on the transformed, standardised signals (and their pairwise
+    products with ``interactions``), with an L2 penalty ``l2`` on the weights (full-batch L-BFGS on the mean
+    log-loss)."""
     features = tuple(features)
     z = design_matrix(signals, features)
     y = good.double().reshape(-1)
@@ -234,7 +246,8 @@ def fit_trust_model(signals: dict[str, torch.Tensor], good: torch.Tensor, featur
         raise ValueError("fit_trust_model: expected good and bad masks among the labels, got only one kind")
     mean, std = z.mean(0), z.std(0).clamp(min=1e-6)
     zs = (z - mean) / std
-    w = torch.zeros(len(features), dtype=torch.float64, requires_grad=True)
+    zs = with_interactions(zs) if interactions else zs
+    w = torch.zeros(zs.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
 
@@ -247,7 +260,7 @@ def fit_trust_model(signals: dict[str, torch.Tensor], good: torch.Tensor, featur
     with torch.enable_grad():
         opt.step(closure)
     return TrustModel(features, tuple(mean.tolist()), tuple(std.tolist()), tuple(w.detach().tolist()),
-                      float(b.detach()), fitted_on)
+                      float(b.detach()), fitted_on, interactions)
 
 
 def trust_auroc(trust: torch.Tensor, bad: torch.Tensor) -> float:
@@ -262,7 +275,8 @@ def trust_auroc(trust: torch.Tensor, bad: torch.Tensor) -> float:
 
 
 def select_features(signals: dict[str, torch.Tensor], good: torch.Tensor, candidates: Sequence[str] = FEATURES,
-                    l2: float = 1e-2, min_gain: float = 0.002, seed: int = 0) -> tuple[list[str], float]:
+                    l2: float = 1e-2, min_gain: float = 0.002, seed: int = 0,
+                    interactions: bool = False) -> tuple[list[str], float]:
     """Greedy forward selection of features by the two-fold cross-validated AUROC on the given (validation)
     masks: add the feature that helps most until none adds ``min_gain``. Returns the features and their
     cross-validated AUROC."""
@@ -276,7 +290,7 @@ def select_features(signals: dict[str, torch.Tensor], good: torch.Tensor, candid
     def score(feats):
         total = 0.0
         for train, test in folds:
-            model = fit_trust_model(part(train), good[train], feats, l2)
+            model = fit_trust_model(part(train), good[train], feats, l2, interactions=interactions)
             total += trust_auroc(model.score(part(test)), ~good[test])
         return total / 2
 

@@ -5,7 +5,8 @@ The masks scored are those of each image's ground-truth classes. A mask is *bad*
 class's region (thresholded at the explainer's own threshold, chosen on the same validation images) is below
 ``--min_iou`` or its peak lies off the region (:func:`explainer.metrics.bad_masks`). The features are chosen by
 greedy forward selection on the validation masks (two-fold cross-validated AUROC) unless ``--features`` names
-them; the logistic regression is fitted on all validation masks (docs/TRUST.md).
+them, and with them the L2 penalty and whether pairwise products of the features enter (``--l2``,
+``--interactions``); the logistic regression is fitted on all validation masks (docs/TRUST.md).
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ def config_parser() -> ArgumentParser:
     p.add_argument("--features", type=list[str] | None, default=None,
                    help=f"features among {list(FEATURES)}; default: chosen greedily on --split")
     p.add_argument("--min_iou", "--min-iou", type=float, default=0.2, help="below it a mask is bad")
-    p.add_argument("--l2", type=float, default=1e-2)
+    p.add_argument("--l2", type=list[float], default=[1e-3, 1e-2, 1e-1],
+                   help="L2 penalties to choose from on --split (two-fold CV AUROC)")
+    p.add_argument("--interactions", type=bool | None, default=None,
+                   help="pairwise products of the features too; default: chosen on --split (two-fold CV AUROC)")
     p.add_argument("--test_split", "--test-split", type=str | None, default=None,
                    help="also measure the fitted model on this split (e.g. test)")
     p.add_argument("--test_images", "--test-images", type=PositiveInt, default=300)
@@ -108,17 +112,25 @@ def main(argv: list[str] | None = None) -> int:
     val = collect(e, dm, a.split, a.num_images)
     threshold = choose_threshold(val["maps"], val["gt"], val["classes"])
     signals, bad = labelled(val, threshold, a.min_iou)
+    if not a.l2 or any(not v >= 0 for v in a.l2):
+        raise ValueError(f"--l2: expected one or more penalties >= 0, got {a.l2}")
+    options = [(inter, l2) for inter in ((False, True) if a.interactions is None else (a.interactions,))
+               for l2 in a.l2]
     if a.features:
         features, cv = list(a.features), None
+        interactions, l2 = options[0]
     else:
-        features, cv = select_features(signals, ~bad, l2=a.l2)
+        tried = [(select_features(signals, ~bad, l2=l2, interactions=inter), inter, l2) for inter, l2 in options]
+        (features, cv), interactions, l2 = max(tried, key=lambda t: t[0][1])
         if not features:
             raise ValueError(f"trust: no feature ranks the bad masks of split {a.split!r} above chance; "
                              "nothing to fit")
-    e.trust_model = fit_trust_model(signals, ~bad, features, a.l2,
+    e.trust_model = fit_trust_model(signals, ~bad, features, l2,
                                     fitted_on=f"{a.split}: {val['images']} images, {len(bad)} masks, "
-                                              f"IoU threshold {threshold}, min_iou {a.min_iou}")
-    report = {"checkpoint": a.checkpoint, "features": features, "cv_auroc": cv, "iou_threshold": threshold,
+                                              f"IoU threshold {threshold}, min_iou {a.min_iou}, l2 {l2}",
+                                    interactions=interactions)
+    report = {"checkpoint": a.checkpoint, "features": features, "interactions": interactions, "l2": l2,
+              "cv_auroc": cv, "iou_threshold": threshold,
               "fit": summary(trust_of(e, signals), bad), "model": e.trust_model.to_dict()}
     if a.test_split:
         test = collect(e, dm, a.test_split, a.test_images)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,6 +146,17 @@ def test_fit_matches_scikit_learn():
     assert abs(model.bias - float(ref.intercept_[0])) < 1e-4
     trust = model.score(s)
     assert torch.allclose(trust.double(), torch.tensor(ref.predict_proba(zs)[:, 1]), atol=1e-4)
+    # with pairwise products: the same against scikit-learn on the expanded columns
+    three = ("keep", "remove", "flip")
+    quad = fit_trust_model(s, good, three, l2, interactions=True)
+    u = design_matrix(s, three)
+    u = ((u - u.mean(0)) / u.std(0)).numpy()
+    expanded = np.concatenate([u] + [u[:, [i]] * u[:, [j]] for i in range(3) for j in range(i, 3)], 1)
+    ref2 = LogisticRegression(C=1 / (2 * l2 * len(good)), tol=1e-10, max_iter=10_000).fit(expanded, good.numpy())
+    assert len(quad.weights) == 9
+    assert torch.allclose(torch.tensor(quad.weights, dtype=torch.float64), torch.tensor(ref2.coef_[0]), atol=1e-4)
+    assert torch.allclose(quad.score(s).double(), torch.tensor(ref2.predict_proba(expanded)[:, 1]), atol=1e-4)
+    assert TrustModel.from_dict(quad.to_dict()) == quad
     assert trust_auroc(trust, ~good) > 0.7
     # greedy selection finds the informative features first
     chosen, cv = select_features(s, good)
