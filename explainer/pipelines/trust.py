@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in (a.features or []) if f not in FEATURES]
     if unknown:
         raise ValueError(f"--features: unknown {unknown}; expected some of {list(FEATURES)}")
+    if not a.l2 or any(not v >= 0 for v in a.l2):
+        raise ValueError(f"--l2: expected one or more penalties >= 0, got {a.l2}")
     if Path(a.out).resolve() == Path(a.checkpoint).resolve():
         raise ValueError("--out: expected a new file, got the checkpoint itself (it is never overwritten)")
     e = load(a.checkpoint)
@@ -112,8 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     val = collect(e, dm, a.split, a.num_images)
     threshold = choose_threshold(val["maps"], val["gt"], val["classes"])
     signals, bad = labelled(val, threshold, a.min_iou)
-    if not a.l2 or any(not v >= 0 for v in a.l2):
-        raise ValueError(f"--l2: expected one or more penalties >= 0, got {a.l2}")
     options = [(inter, l2) for inter in ((False, True) if a.interactions is None else (a.interactions,))
                for l2 in a.l2]
     if a.features:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         test = collect(e, dm, a.test_split, a.test_images)
         t_signals, t_bad = labelled(test, threshold, a.min_iou)
         report["test"] = {**summary(trust_of(e, t_signals), t_bad), "split": a.test_split,
-                          "signals_ms_per_image": 1000 * test["seconds"] / test["images"]}
+                          "all_signals_ms_per_image": 1000 * test["seconds"] / test["images"]}
     path = export_safetensors(e, a.out)
     if a.report:
         with atomic_path(Path(a.report)) as tmp:
