@@ -46,7 +46,7 @@ def main() -> None:
     import explainer
     from explainer.data import SyntheticDataModule
     from explainer.explainers.refine import refine_masks
-    from explainer.explainers.trust import trust_auroc
+    from explainer.explainers.trust import mask_rows, trust_auroc
     from explainer.explainers.trust_refine import lowest_trust
     from explainer.metrics import bad_masks, choose_threshold, insertion_auc, iou
 
@@ -76,15 +76,14 @@ def main() -> None:
         return
     # the explainer's threshold, chosen on validation images
     xv, cv, gv = load_split("val", a.val_images)
-    rows_v = torch.cat([torch.full((len(c),), i) for i, c in enumerate(cv)])
+    rows_v, _ = mask_rows(cv)
     with torch.no_grad():
         vmaps = torch.cat(e.selected_masks(xv, cv))[:, None]
     threshold = choose_threshold(vmaps, gv[rows_v], torch.cat(cv))
     out["threshold"] = threshold
 
     x, classes, g = load_split("test", a.images)
-    rows = torch.cat([torch.full((len(c),), i) for i, c in enumerate(classes)])
-    cls = torch.cat(classes)
+    rows, cls = mask_rows(classes)
     r0 = e.explanation(list(x), classes=[c.tolist() for c in classes], trust=True)
     trust = torch.cat(list(r0.trust))
     maps0 = torch.cat(list(r0.masks))[:, None]

@@ -185,6 +185,11 @@ class TrainedExplainer(pl.LightningModule, ExplainsImages):
         """The project's masking rule with this explainer's baseline (or ``baseline``)."""
         return apply_mask(x, m, baseline or self.baseline, self.explanandum.mean)
 
+    def mask_channel(self, cls: torch.Tensor) -> torch.Tensor:
+        """Which of the network's maps explains class ``cls`` (B,): the class itself (one map per class; a
+        kind whose network is laid out otherwise, such as a class-agnostic LTX, overrides this)."""
+        return cls
+
     @torch.inference_mode()
     def explain(self, x: torch.Tensor, targets: Any = None, batch_size: int = 64,
                 autocast: str | None = None) -> torch.Tensor:

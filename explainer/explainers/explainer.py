@@ -26,7 +26,7 @@ from explainer.core import viz
 from explainer.core.constants import VOID
 from explainer.core.masking import surround_fill
 from explainer.explainers.base import TrainedExplainer, register_kind
-from explainer.explainers.trust import trust_of, trust_signals
+from explainer.explainers.trust import mask_rows, trust_of, trust_signals
 from explainer.nets.segmentation import build_mask_net
 
 
@@ -232,10 +232,9 @@ class ExplainerModule(TrainedExplainer):
             probs = self.explanandum.probabilities(self.explanandum(x)).float()
             trust = trust_of(self, trust_signals(self, x, chosen, masks, probs, features))
         pick = torch.argsort(trust, stable=True)[:n]
-        rows = torch.cat([torch.full((len(c),), i) for i, c in enumerate(chosen)])[pick]
-        cls = torch.cat(chosen).cpu()[pick]
-        one = F.one_hot(cls, self.num_classes).bool()
-        self._log_panel(x[rows.to(x.device)], s[rows.to(x.device)], one, key="least_trusted")
+        rows, cls = mask_rows(chosen)
+        rows = rows[pick].to(x.device)
+        self._log_panel(x[rows], s[rows], F.one_hot(cls[pick], self.num_classes).bool(), key="least_trusted")
 
     def _log_panel(self, x, s, present, key="masks"):
         if self.trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:

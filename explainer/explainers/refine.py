@@ -140,13 +140,6 @@ def _row_loss(module: TrainedExplainer, st: RefineSettings) -> RowLoss:
     return ltx_loss(host, st.mode, st.objective)
 
 
-def _channels(module: TrainedExplainer, classes: torch.Tensor) -> torch.Tensor:
-    """The network's map of each class: LTX's ``mask_channel`` (0 for a class-agnostic LTX), else the class (the
-    Explainer's and a distilled student's networks give one map per class)."""
-    channel = getattr(module, "mask_channel", None)
-    return channel(classes) if channel is not None else classes
-
-
 def _as_explained(module: TrainedExplainer, masks: torch.Tensor) -> torch.Tensor:
     """Masks (P, 1, H, W) as the kind's ``class_masks`` gives them: a distilled student's ``output_grid``
     smoothing (per map, so it applies to one map as to all)."""
@@ -169,7 +162,7 @@ def _refine(module: TrainedExplainer, x: torch.Tensor, classes: Any, steps: int 
     loss = _row_loss(module, st)
     with finetuning_mode(module):
         xd = x.detach().to(module.device, dtype).clone()  # cloned inside: a normal tensor under inference mode too
-        k = _channels(module, t)
+        k = module.mask_channel(t)
         if batched:
             masks = finetune_rows(module, xd, t, k, st.steps, st.lr, st.weight_decay, loss, batch_size)
         else:

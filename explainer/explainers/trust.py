@@ -128,6 +128,14 @@ def uncalibrated_trust(signals: dict[str, torch.Tensor]) -> torch.Tensor:
     return (signals["keep"] * (1 - signals["remove"])).float()
 
 
+def mask_rows(classes: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image index, class) of every mask, in mask order, for the classes (K_i,) of each image; on the CPU."""
+    if not len(classes):
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    rows = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(classes)])
+    return rows, torch.cat([c.cpu().long() for c in classes])
+
+
 def _soft_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     inter = torch.minimum(a, b).flatten(1).sum(1)
     union = torch.maximum(a, b).flatten(1).sum(1)
@@ -148,9 +156,7 @@ def trust_signals(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], 
         raise ValueError(f"features: unknown {sorted(unknown)}; expected some of {list(FEATURES)}")
     f = explainer.explanandum
     device = x.device
-    rows = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(classes)]) \
-        if classes else torch.zeros(0, dtype=torch.long)
-    cls = torch.cat([c.cpu() for c in classes]) if classes else torch.zeros(0, dtype=torch.long)
+    rows, cls = mask_rows(classes)
     m = torch.cat([mk.to(device) for mk in masks])[:, None].float() if masks else x.new_zeros(0, 1, *x.shape[-2:])
     blurred = separable_blur(x, TRUST_BLUR_SIGMA) if len(rows) else x  # once per image, not per mask
     out = {"keep": [], "remove": [], "other": [], **({"core": []} if "core" in need else {})}

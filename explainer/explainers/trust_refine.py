@@ -12,15 +12,7 @@ from typing import Any
 
 import torch
 
-from explainer.explainers.trust import trust_of, trust_signals
-
-
-def _flat(chosen: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image index, class) of every mask, in mask order."""
-    if not chosen:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    rows = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(chosen)])
-    return rows, torch.cat([c.cpu() for c in chosen])
+from explainer.explainers.trust import mask_rows, trust_of, trust_signals
 
 
 def lowest_trust(trust: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -47,7 +39,7 @@ def trusted_masks(explainer: Any, xs: torch.Tensor, chosen: list[torch.Tensor], 
             raise ValueError(f"refine: {type(explainer).__name__} has no trained network to finetune per image; "
                              "expected a trained explainer (explainer.load of a checkpoint)")
         pick = lowest_trust(trust, refine)
-        rows, cls = _flat(chosen)
+        rows, cls = mask_rows(chosen)
         flat = torch.cat([m.to(xs.device) for m in masks])
         new = refine_masks(module, xs[rows[pick]].to(module.device), cls[pick].to(module.device))
         flat[pick.to(flat.device)] = new[:, 0].to(flat.device, flat.dtype)

@@ -23,6 +23,12 @@ from torch import nn
 CONVEX_PADDINGS = ("replicate", "zero")
 
 
+def check_padding(padding: str) -> str:
+    if padding not in CONVEX_PADDINGS:
+        raise ValueError(f"convex_upsample: padding expected one of {CONVEX_PADDINGS}, got {padding!r}")
+    return padding
+
+
 class ConvexUpsampledNet(nn.Module):
     """An smp model (``encoder``, ``decoder``, ``segmentation_head`` = [conv, upsampling, activation]) whose head
     is applied at the decoder's resolution and upsampled by :func:`convex_upsample` with image-guided weights.
@@ -35,9 +41,7 @@ class ConvexUpsampledNet(nn.Module):
 
     def __init__(self, base: nn.Module, guide_channels: int = 8, padding: str = "replicate"):
         super().__init__()
-        if padding not in CONVEX_PADDINGS:
-            raise ValueError(f"ConvexUpsampledNet: padding expected one of {CONVEX_PADDINGS}, got {padding!r}")
-        self.padding = padding
+        self.padding = check_padding(padding)
         self.encoder, self.decoder = base.encoder, base.decoder
         self.segmentation_head = base.segmentation_head
         dec_ch = self.segmentation_head[0].in_channels
@@ -86,8 +90,7 @@ def convex_upsample(L: torch.Tensor, w: torch.Tensor, padding: str = "replicate"
     if H % h or W % wd or H // h != W // wd:
         raise ValueError(f"convex_upsample: expected the fine grid {H}x{W} to be an integer multiple of the coarse "
                          f"grid {h}x{wd}")
-    if padding not in CONVEX_PADDINGS:
-        raise ValueError(f"convex_upsample: padding expected one of {CONVEX_PADDINGS}, got {padding!r}")
+    check_padding(padding)
     f = H // h
     P = F.pad(L, (1, 1, 1, 1), mode="replicate") if padding == "replicate" else F.pad(L, (1, 1, 1, 1))
     U = F.unfold(P, 3).view(B, C, 9, h, wd)
