@@ -127,6 +127,13 @@ def build_timm(arch: str, num_classes: int, model_kwargs: dict | None = None, pr
         raise
 
 
+def build_arch(arch: str, num_classes: int, model_kwargs: dict | None = None) -> nn.Module:
+    """A randomly initialised classifier of a recorded architecture: ``"torchvision:<name>"`` or a timm name."""
+    if arch.startswith("torchvision:"):
+        return _torchvision_model(arch[12:], None, num_classes)[0]
+    return build_timm(arch, num_classes, model_kwargs)
+
+
 def _reachable(url: str, timeout: float = 3.0) -> bool:
     u = urlparse(url)
     host = u.hostname
@@ -288,6 +295,7 @@ def load_explanandum(spec: str | os.PathLike | nn.Module, num_classes: int | Non
                 cfg = getattr(model, "pretrained_cfg", {}) or {}
                 meta["mean"], meta["std"] = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
         elif spec_str.startswith("torchvision:"):
+            arch = f"torchvision:{spec_str[12:]}"  # a saved checkpoint rebuilds it with torchvision
             model, names = _torchvision_model(spec_str[12:], weights, num_classes)
             if names:
                 meta["class_names"] = names
@@ -343,7 +351,7 @@ def _load_checkpoint(path: Path, num_classes, class_names, multilabel) -> Explan
     if num_classes is not None and num_classes != meta["num_classes"]:
         raise ValueError(f"num_classes: expected {num_classes} classes, but checkpoint {str(path)!r} "
                          f"was trained for {meta['num_classes']}")
-    model = build_timm(meta["arch"], meta["num_classes"], meta.get("model_kwargs"))
+    model = build_arch(meta["arch"], meta["num_classes"], meta.get("model_kwargs"))
     _load_into(model, sd, f"checkpoint {str(path)!r}")
     return Explanandum(model, meta["num_classes"], class_names=class_names or meta["class_names"],
                        multilabel=meta["multilabel"] if multilabel is None else multilabel,
@@ -352,7 +360,12 @@ def _load_checkpoint(path: Path, num_classes, class_names, multilabel) -> Explan
 
 
 def save_explanandum(f: Explanandum, path: str | os.PathLike) -> Path:
-    """Write ``f`` as one self-describing safetensors file (atomically)."""
+    """Write ``f`` as one self-describing safetensors file (atomically): a classifier of timm or torchvision
+    (what a checkpoint can rebuild); one built from a module or a factory is refused."""
+    if not f.arch:
+        raise ValueError(f"explanandum: {f.spec!r} was built from a module or a factory, which a checkpoint cannot "
+                         "rebuild; expected a 'timm:<name>' or 'torchvision:<name>' classifier (or keep the factory "
+                         "spec and pass its weights file)")
 
     meta = f.metadata()
     meta["spec"] = ""

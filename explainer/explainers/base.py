@@ -24,6 +24,7 @@ from torch import nn
 from explainer.core.constants import round_up_size
 from explainer.core.images import check_images
 from explainer.core.masking import apply_mask, check_baseline
+from explainer.core.models import fixed_input_size
 from explainer.core.registry import Registry
 from explainer.core.targets import check_targets
 from explainer.data.resume import ExactResume
@@ -132,9 +133,13 @@ class TrainedExplainer(pl.LightningModule, ExplainsImages):
 
         At 32 px the deepest feature map of an encoder-decoder is 1x1; a GroupNorm there (smp's FPN head) has
         one value per group, refuses a single image and normalises a batch to its bias alone; 64 px gives 2x2.
+        A network that takes one size only (a ViT encoder) is fed that size.
         """
         if getattr(self, "_group_norm", None) is None:
             self._group_norm = any(isinstance(m, nn.GroupNorm) for m in self.net.modules())
+            self._fixed_size = fixed_input_size(self.net)
+        if self._fixed_size is not None:
+            return self._fixed_size
         least = MIN_NET_SIZE if self._group_norm else 0
         return round_up_size(max(h, least), max(w, least))
 

@@ -27,7 +27,7 @@ from explainer.core.constants import VOID
 from explainer.core.masking import surround_fill
 from explainer.explainers.base import TrainedExplainer, register_kind
 from explainer.explainers.trust import mask_rows, trust_of, trust_signals
-from explainer.nets.segmentation import build_mask_net
+from explainer.nets.segmentation import build_mask_net, paper_network
 
 
 def step_hash(index: torch.Tensor, step: int, salt: torch.Tensor | int = 0) -> torch.Tensor:
@@ -112,7 +112,9 @@ class ExplainerModule(TrainedExplainer):
 
     Args:
         explanandum: spec of the frozen classifier (see ``load_explanandum``).
-        architecture, encoder: smp architecture and encoder (``tu-<timm>`` too).
+        architecture, encoder: smp architecture and encoder (``tu-<timm>`` too); ``"auto"``: the paper's
+            network for the explanandum (``explainer.nets.segmentation.paper_network``: DeepLabV3+ on the
+            classifier's own architecture, DPT for a ViT).
         encoder_weights: smp/timm encoder weights name (e.g. "imagenet") for
             users who have them; None: random init.
         init_encoder_from_explanandum: copy the explanandum's backbone into the
@@ -156,6 +158,10 @@ class ExplainerModule(TrainedExplainer):
                          optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                          channels_last=channels_last)
         self.save_settings()
+        if "auto" in (architecture, encoder):
+            auto_arch, auto_enc = paper_network(self.explanandum)
+            architecture = auto_arch if architecture == "auto" else architecture
+            encoder = auto_enc if encoder == "auto" else encoder
         init = self.explanandum.model if init_encoder_from_explanandum and not self.restoring else None
         self.net = build_mask_net(architecture, encoder, self.num_classes, encoder_weights, decoder_kwargs, init,
                                   channels_last, upsampling)

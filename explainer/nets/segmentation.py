@@ -8,6 +8,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from explainer.core.models import is_vit
 from explainer.nets.convex import ConvexUpsampledNet
 
 
@@ -32,6 +33,24 @@ def build_segmentation_net(architecture: str, encoder: str, classes: int, encode
 
 
 UPSAMPLINGS = ("bilinear", "convex", "convex_zero")
+
+
+def paper_network(explanandum) -> tuple[str, str]:
+    """(architecture, encoder) of the Explainer paper's network for a classifier: DeepLabV3+ whose encoder is the
+    classifier's own architecture, so that ``init_encoder_from_explanandum`` starts it from the classifier's
+    weights (smp's ``tu-<name>`` for a timm CNN, smp's encoder of the same name for a torchvision ResNet); for a
+    ViT, which has no dilated convolutions for DeepLabV3+, smp's DPT, the decoder made for ViT encoders."""
+    arch = getattr(explanandum, "arch", "") or ""
+    if arch.startswith("torchvision:"):
+        name = arch[len("torchvision:"):]
+        if name not in smp.encoders.get_encoder_names():
+            raise ValueError(f"architecture='auto': smp has no encoder {name!r} for torchvision:{name}; give "
+                             "architecture and encoder explicitly")
+        return "DeepLabV3Plus", name
+    if not arch:
+        raise ValueError(f"architecture='auto': the explanandum {getattr(explanandum, 'spec', '')!r} is not a timm "
+                         "or torchvision classifier; give architecture and encoder explicitly")
+    return ("DPT" if is_vit(explanandum.model) else "DeepLabV3Plus"), f"tu-{arch}"
 
 
 def build_mask_net(architecture: str, encoder: str, classes: int, encoder_weights: str | None = None,
@@ -61,7 +80,8 @@ def build_mask_net(architecture: str, encoder: str, classes: int, encoder_weight
 
 
 def init_encoder_from(net: nn.Module, source: nn.Module) -> int:
-    """Copy every tensor of ``source`` (a timm backbone) whose name and shape match into ``net.encoder``.
+    """Copy every tensor of ``source`` (a timm backbone) whose name and shape match into ``net.encoder`` (names
+    compared up to timm's flattening of module names in its feature wrappers).
 
     Works when the encoder is smp's ``tu-<arch>`` of the explanandum's own
     architecture (its parameter names are timm's). Returns how many tensors
@@ -73,7 +93,16 @@ def init_encoder_from(net: nn.Module, source: nn.Module) -> int:
         raise ValueError("init_encoder_from: the network has no .encoder")
     src = source.state_dict()
     dst = target.state_dict()
-    copied = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
+    # timm's feature wrappers (FeatureListNet, used by smp's ``tu-`` encoders of ConvNeXts and others) flatten
+    # the top modules' names ("stages.0" -> "stages_0"): names are compared with "_" read as "."
+    by_norm: dict[str, list[str]] = {}
+    for k in src:
+        by_norm.setdefault(k.replace("_", "."), []).append(k)
+    copied = {}
+    for k, t in dst.items():
+        names = [k] if k in src else by_norm.get(k.replace("_", "."), [])
+        if len(names) == 1 and src[names[0]].shape == t.shape:
+            copied[k] = src[names[0]]
     if not copied:
         warnings.warn("init_encoder_from_explanandum: no parameter of the explanandum fits the encoder "
                       "(use encoder 'tu-<explanandum arch>'); the encoder keeps its initialisation", stacklevel=2)
