@@ -59,14 +59,15 @@ def _data(tree: Path) -> dict:
 
 
 def _fit_config(path: Path, model: dict, tree: Path, out: Path, max_steps: int) -> Path:
-    """A training config as a user writes one: a checkpoint every optimiser step, one validation batch."""
+    """A training config as a user writes one: a checkpoint every optimiser step (all kept), one validation
+    batch."""
     conf = {"seed_everything": 0,
             "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "limit_val_batches": 1,
                         "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
                         "logger": False, "default_root_dir": str(out),
                         "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
                                        "init_args": {"dirpath": str(out / "checkpoints"), "every_n_train_steps": 1,
-                                                     "save_top_k": 0, "save_last": True}}]},
+                                                     "save_top_k": -1, "filename": "{step}", "save_last": True}}]},
             "model": model, "data": _data(tree)}
     path.write_text(yaml.safe_dump(conf))
     return path
@@ -93,15 +94,17 @@ def run(request, tree, tmp_path_factory):
 @pytest.mark.usefixtures("tree")
 class TestRealArchitecture:
     def test_fit_resume_and_paper_network(self, run, tree):
-        """Two steps in one run, and one step then a resume to two: the same weights (buffers included)."""
+        """Two steps in one run, and a run resumed from that run's checkpoint after one step (what a run killed
+        then would have left) to two: the same weights (buffers included)."""
         d = run["dir"]
         assert cli.main(["fit", "--config", str(_fit_config(d / "full.yaml", run["model"], tree, d / "full", 2))]) == 0
-        assert cli.main(["fit", "--config", str(_fit_config(d / "part.yaml", run["model"], tree, d / "part", 1))]) == 0
-        part = d / "part" / "checkpoints" / "last.ckpt"
+        part = d / "full" / "checkpoints" / "step=1.ckpt"
         assert torch.load(part, map_location="cpu", weights_only=True)["global_step"] == 1
-        cfg = _fit_config(d / "resume.yaml", run["model"], tree, d / "part", 2)
+        cfg = _fit_config(d / "resume.yaml", run["model"], tree, d / "resumed", 2)
         assert cli.main(["fit", "--config", str(cfg), "--ckpt_path", str(part)]) == 0
-        full, resumed = _state(d / "full" / "checkpoints" / "last.ckpt"), _state(part)
+        full, resumed = (_state(d / "full" / "checkpoints" / "last.ckpt"),
+                         _state(d / "resumed" / "checkpoints" / "last.ckpt"))
+        assert not all(torch.equal(full[k], v) for k, v in _state(part).items())  # the second step changed them
         assert full.keys() == resumed.keys()
         for k in full:
             assert torch.allclose(full[k].float(), resumed[k].float(), atol=1e-6), k
@@ -162,8 +165,9 @@ class TestRealArchitecture:
         """Two DDP processes write the Explainer's masks of every (image, present class) of the split."""
         data = tmp_path / "data.yaml"
         data.write_text(json.dumps({"data": _data(tree)}))
-        man = attribute("explainer", str(data), "test", tmp_path / "cache", options={"checkpoint": str(run["explainer"])},
-                        explanandum=str(run["clf"]), shard_size=2, progress=False,
+        man = attribute("explainer", str(data), "test", tmp_path / "cache",
+                        options={"checkpoint": str(run["explainer"])}, explanandum=str(run["clf"]), shard_size=2,
+                        progress=False,
                         trainer={"devices": 2, "strategy": "ddp_spawn"})
         assert man["num_shards"] == 2
         e = explainer.load(run["explainer"])
