@@ -150,3 +150,12 @@ def test_frozen_while_something_trains_against_it():
     for k, v in f.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert torch.equal(f(x0), out0)
+
+
+def test_save_refuses_a_classifier_it_cannot_rebuild(tmp_path):
+    """A classifier built from a module has no architecture name a checkpoint could rebuild it from."""
+    f = explainer.load_explanandum(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(3)),
+                                   class_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="timm:<name>"):
+        explainer.save_explanandum(f, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

@@ -1,9 +1,10 @@
-"""Pictures: mask panels and overlays (numpy uint8, written as PNG)."""
+"""Pictures: mask panels and overlays (numpy uint8, written as PNG), and line plots of curves (matplotlib)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -56,4 +57,36 @@ def mask_panel(x: torch.Tensor, s: torch.Tensor, present: torch.Tensor, class_na
 def save_png(arr: np.ndarray, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
+    return Path(path)
+
+
+def plot_curves(series: dict[str, Sequence[dict]], x: str, panels: Sequence[tuple[str, str]],
+                path: str | os.PathLike, title: str = "", xlabel: str | None = None,
+                styles: Sequence[str] | None = None) -> Path:
+    """Line plots side by side, one panel per ``(key, label)`` of ``panels``: each series (a name -> its rows,
+    dicts) drawn as ``row[key]`` against ``row[x]`` (rows without ``key`` are left out), legend in the first
+    panel; written as PNG atomically (matplotlib, Agg). A refinement curve (quality against the fraction ``r``
+    of masks refined) is drawn this way by ``evaluate`` and ``benchmarks/bench_trust.py``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ValueError("panels: expected at least one (key, label) to plot")
+    fig = Figure(figsize=(4.5 * len(panels), 3.4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, label) in zip(axes, panels):
+        for i, (name, rows) in enumerate(series.items()):
+            pts = [(row[x], row[key]) for row in rows if row.get(key) is not None]
+            style = styles[i % len(styles)] if styles else "o-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     return Path(path)

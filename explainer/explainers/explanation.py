@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from explainer.core.images import check_images
+from explainer.core.models import fixed_input_size
 from explainer.explainers.trust_refine import trusted_masks
 
 DEFAULT_INPUT_SIZE = 128  # pixels a side, for an explainer that recorded no input size
@@ -53,10 +54,15 @@ class Explanation:
 
 
 def input_resolution(module: Any, size: int | None = None) -> int:
-    """The square input size an explainer is fed: ``size``, else its trained ``input_size``, else 128."""
+    """The square input size an explainer is fed: ``size``, else its trained ``input_size``, else the one size its
+    classifier takes (a ViT without dynamic image size), else 128."""
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ValueError(f"size: expected an integer >= 1 (pixels) or None, got {size!r}")
-    return int(size or getattr(module, "input_size", None) or DEFAULT_INPUT_SIZE)
+    if size or getattr(module, "input_size", None):
+        return int(size or module.input_size)
+    f = getattr(module, "explanandum", None)
+    fixed = fixed_input_size(f.model) if isinstance(getattr(f, "model", None), torch.nn.Module) else None
+    return int(fixed[0]) if fixed else DEFAULT_INPUT_SIZE
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

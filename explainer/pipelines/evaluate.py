@@ -28,6 +28,20 @@ results.json (one JSON object; what :func:`run` returns)::
      "validation_images": {"split": "val", "num_images": 100},
      "num_images_requested": 500, "notes": ["split 'test' has 200 images, fewer than the 500 asked for ..."]}
 
+With ``trust`` (and ``refine_curve``), a trained explainer's entry also has (docs/TRUST.md;
+:mod:`explainer.pipelines.evaluate_trust`)::
+
+     "metrics": {..., "trust_auroc": 0.83},
+     "trust": {"threshold": 0.35, "void_band": 5, "min_iou": 0.2, "masks": 229, "bad_share": 0.27,
+               "seconds_per_map": 0.02},
+     "refinement_curve": [{"r": 0.2, "share_refined": 0.2, "seconds": 41.9, "<metric>": 0.0, ...}, ...],
+     "refinement_thresholds": {"<metric>": "mean | 0.35"}
+
+``metric_specs`` then describes ``trust_auroc`` too, a method without a trust score lists it (and
+``refinement_curve``) in ``skipped_metrics``, and the top level has ``"refinement": {"fractions": [...],
+"images_per_call": 128, "call": ..., "directions": {...}}``; the curve is also plotted as ``refinement.png``
+beside results.json (``<stem>_refinement.png`` beside another name).
+
 ``metrics`` holds only metrics that were evaluated; ``skipped_metrics`` is
 present only when some were not. ``thresholds`` and ``validation_images``
 appear when a metric's option ``threshold`` is ``val`` (each method also
@@ -62,6 +76,15 @@ The config (YAML)::
     figure_images: 6
     threshold_split: val     # images a metric option threshold: val is chosen on
     threshold_images: 100    # seeded subset of threshold_split (every method runs on it once more)
+    trust: false             # true: trust_auroc of every trained explainer (the other methods skip it); or
+                             # [names]: those methods, each a trained explainer (another is an error)
+    refine_curve: null       # [0, 0.1, 0.2, 0.5, 1.0]: insertion_auc, miou, iou and the time of
+                             # explanation(trust=True, refine=r) per r, for the methods trust selects
+
+``trust_auroc``: the AUROC of ``1 - trust`` (the explainer's trust of each of its maps, no ground truth) at
+finding the bad maps: IoU below 0.2 at the ``iou`` metric's threshold (``metric_options.iou``; ``threshold:
+val`` is TRUST.md's definition) or the peak off the class region. The refinement curve calls ``explanation()``
+on up to ``max_batch`` images at a time, so ``r`` is a fraction of each call's masks.
 """
 
 from __future__ import annotations
@@ -83,7 +106,21 @@ from explainer.methods.base import METHODS
 from explainer.methods.base import get as get_method
 from explainer.pipelines.args import parse
 from explainer.pipelines.evaluate_config import config_keys, config_parser, load_config, validate_config  # noqa: F401
-from explainer.pipelines.evaluate_outputs import markdown_table, save_figure, write_outputs  # noqa: F401
+from explainer.pipelines.evaluate_outputs import (  # noqa: F401
+    markdown_table,
+    refinement_path,
+    save_figure,
+    write_outputs,
+)
+from explainer.pipelines.evaluate_trust import (
+    TRUST_METRIC,
+    TrustTracker,
+    curve_trackers,
+    refinement_curve,
+    refinement_record,
+    trust_plan,
+    trust_spec,
+)
 
 TARGETS = ("groundtruth", "predicted")
 
@@ -230,6 +267,11 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
                               "class_names": list(f.class_names)}
     # build every method first: a bad option fails before hours of work on the methods before it
     built = {name: build_method(name, f, opts) for name, opts in cfg["methods"].items()}
+    trusted, no_trust = trust_plan(cfg["trust"], built)
+    if cfg["trust"] is not False:
+        results["metric_specs"][TRUST_METRIC] = trust_spec()
+    if cfg["refine_curve"]:
+        results["refinement"] = refinement_record(cfg["refine_curve"], cfg["max_batch"])
     for name, opts in cfg["methods"].items():
         torch.manual_seed(cfg["seed"])
         method = built[name]
@@ -240,6 +282,9 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
             attribute=lambda m, xp, t: _attribute(m, xp, t, cfg["method_batch_size"]),
             validation=lambda method=method, note=val_note: validation_pairs(f, method, dm, cfg, device, note))
         record = tracker.prepare(ctx)
+        trust = TrustTracker(trusted[name], cfg["metric_options"], ctx) if name in trusted else None
+        curve_of = curve_trackers(cfg["refine_curve"], cfg["metric_options"], ctx) \
+            if cfg["refine_curve"] and name in trusted else None
         if val_note:
             results["validation_images"] = {k: v for k, v in val_note.items() if k != "note"}
             if "note" in val_note and val_note["note"] not in results.setdefault("notes", []):
@@ -259,11 +304,14 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
             n_seen += x.shape[0]
             n_maps += xp.shape[0]
             extra = tracker.batch_inputs(xp, t)
+            pairs = M.PairBatch(f, xp, maps, t, img_idx + n_seen - x.shape[0], gt, has, cfg["baseline"],
+                                cfg["max_batch"], **extra)
             try:
-                tracker.update(M.PairBatch(f, xp, maps, t, img_idx + n_seen - x.shape[0], gt, has, cfg["baseline"],
-                                           cfg["max_batch"], **extra))
+                tracker.update(pairs)
             except ValueError as err:
                 raise ValueError(f"method {name!r}: {err}") from err
+            if trust is not None:
+                trust.update(pairs)
             # figure: the first map of each of the first images (the same images for every method)
             for i in range(x.shape[0]):
                 if len(fig_maps) >= cfg["figure_images"]:
@@ -283,6 +331,27 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
         entry: dict[str, Any] = {"seconds_per_image": seconds / max(n_img, 1),
                                  "seconds_per_map": seconds / max(n_maps, 1), "num_maps": n_maps,
                                  "options": opts, "metrics": values, **record}
+        if trust is not None:
+            value, entry["trust"], why = trust.compute()
+            if value is None:
+                skipped[TRUST_METRIC] = why
+                warnings.warn(f"evaluate: {TRUST_METRIC} of {name!r} skipped: {why}", stacklevel=2)
+            else:
+                values[TRUST_METRIC] = value
+        elif name in no_trust:
+            skipped[TRUST_METRIC] = no_trust[name]
+        if curve_of is not None:
+            chunks = DataLoader(ds, batch_size=cfg["max_batch"], shuffle=False, num_workers=cfg["num_workers"])
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(cfg["seed"])
+                curve, chosen, left_out = refinement_curve(
+                    trusted[name], f, (_pairs_of(f, b, cfg, device) for b in tqdm(
+                        chunks, desc=f"refinement curve {name}", disable=not progress, leave=False)),
+                    curve_of, cfg["baseline"], cfg["max_batch"], sync=lambda: _sync(device))
+            entry.update(refinement_curve=curve, refinement_thresholds=chosen)
+            skipped.update({f"{k} (refinement curve)": v for k, v in left_out.items()})
+        elif cfg["refine_curve"] and name in no_trust:
+            skipped["refinement_curve"] = no_trust[name]
         if skipped:
             entry["skipped_metrics"] = skipped
         results["methods"][name] = entry
@@ -314,5 +383,6 @@ def main(argv: list[str] | None = None) -> int:
     a.pop("config", None)
     results = evaluate(a, out, progress=progress)
     print(markdown_table(results))
-    print(f"wrote {out}, {Path(out).with_suffix('.md')}, {Path(out).with_suffix('.png')}")
+    curve = f", {refinement_path(out)}" if any(e.get("refinement_curve") for e in results["methods"].values()) else ""
+    print(f"wrote {out}, {Path(out).with_suffix('.md')}, {Path(out).with_suffix('.png')}{curve}")
     return 0

@@ -50,6 +50,12 @@ def config_parser() -> ArgumentParser:
                    help="split of the images a metric option threshold: val is chosen on")
     p.add_argument("--threshold_images", type=PositiveInt, default=100,
                    help="seeded subset of threshold_split for validated thresholds (each method runs on them)")
+    p.add_argument("--trust", type=bool | list[str], default=False,
+                   help="trust_auroc of trained explainers: true (every one among the methods; the others list it "
+                        "as skipped) or a list of method names, each a trained explainer")
+    p.add_argument("--refine_curve", type=list[float] | None, default=None,
+                   help="fractions r in [0, 1]: insertion_auc, miou and iou of explanation(trust=True, refine=r) "
+                        "for the methods trust selects, and the time of those calls (refinement.png)")
     return p
 
 
@@ -95,6 +101,29 @@ def validate_config(cfg: dict[str, Any], where: str = "config") -> dict[str, Any
         raise ValueError(f"{where}.num_images (--num-images): expected a positive number of images (or null: the "
                          f"whole split), got {cfg['num_images']}")
     cfg["methods"] = {k: dict(v or {}) for k, v in cfg["methods"].items()}
+    _check_trust(cfg, where)
     cfg["metrics"] = list(cfg["metrics"] or M.DEFAULT_METRICS)
     M.MetricTracker(cfg["metrics"], cfg["metric_options"])  # unknown metric names / options: ValueError now
     return cfg
+
+
+def _check_trust(cfg: dict[str, Any], where: str) -> None:
+    """``trust`` names configured methods; ``refine_curve`` holds distinct fractions in [0, 1] (sorted here) and
+    has methods to run on. Whether a named method is a trained explainer is known once it is built
+    (:func:`explainer.pipelines.evaluate_trust.trust_plan`)."""
+    trust = cfg["trust"]
+    if isinstance(trust, list):
+        unknown = [n for n in trust if n not in cfg["methods"]]
+        if not trust or unknown:
+            raise ValueError(f"{where}.trust: expected true, false or a non-empty list of names among "
+                             f"{where}.methods {list(cfg['methods'])}, got {trust!r}")
+    curve = cfg["refine_curve"]
+    if curve is None:
+        return
+    if not curve or not all(0 <= r <= 1 for r in curve) or len(set(curve)) != len(curve):
+        raise ValueError(f"{where}.refine_curve: expected distinct fractions r in [0, 1] (the share of the masks, "
+                         f"those of lowest trust, refined per image), e.g. [0, 0.1, 0.2, 0.5, 1.0]; got {curve}")
+    if trust is False:
+        raise ValueError(f"{where}.refine_curve: the curve is computed for the methods `trust` selects; expected "
+                         "trust: true (every trained explainer) or trust: [method names], got trust: false")
+    cfg["refine_curve"] = sorted(float(r) for r in curve)

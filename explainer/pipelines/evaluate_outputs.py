@@ -1,4 +1,5 @@
-"""What ``evaluate`` writes beside results.json: the markdown table (also ``report``'s) and the figure."""
+"""What ``evaluate`` writes beside results.json: the markdown table (also ``report``'s), the figure, and the plot of
+the refinement curve when the config asks for one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Any
 
 from explainer.core.io import atomic_path, atomic_write_text
 from explainer.core.maps import minmax_normalize
+from explainer.core.viz import plot_curves
+
+CURVE_FIELDS = ("r", "share_refined", "seconds")
 
 
 def _fmt(v: float) -> str:
@@ -47,9 +51,59 @@ def markdown_table(results: dict[str, Any]) -> str:
             for metric, sel in per_metric.items():
                 by_value.setdefault(sel["threshold"], []).append(metric)
             lines.append(f"- {meth}: " + "; ".join(f"{t:g} ({', '.join(ms)})" for t, ms in by_value.items()))
+    lines += curve_table(results)
     lines += ["", "↑ higher is better, ↓ lower is better. Metric definitions: `explainer.metrics` "
                   "(see metric_specs in results.json)."]
     return "\n".join(lines) + "\n"
+
+
+def curve_metrics(results: dict[str, Any]) -> list[str]:
+    """The metrics of the refinement curves' rows, in order of first appearance."""
+    names: list[str] = []
+    for entry in results["methods"].values():
+        for row in entry.get("refinement_curve", []):
+            names += [k for k in row if k not in CURVE_FIELDS and k not in names]
+    return names
+
+
+def curve_table(results: dict[str, Any]) -> list[str]:
+    """Markdown lines of the refinement curves (none without one): per method and fraction ``r``, the share of
+    masks refined, the seconds of the calls and the metrics."""
+    curves = {m: e["refinement_curve"] for m, e in results["methods"].items() if e.get("refinement_curve")}
+    if not curves:
+        return []
+    info = results.get("refinement", {})
+    arrow = {"higher": "↑", "lower": "↓"}
+    names = curve_metrics(results)
+    lines = ["", f"Refinement curve: `{info.get('call', 'explanation(trust=True, refine=r)')}`, the fraction r of "
+                 f"each call's masks (up to {info.get('images_per_call', '?')} images a call), those of lowest trust, "
+                 "finetuned per image:", "",
+             "| method | r | refined | seconds | " + " | ".join(
+                 f"{n} {arrow.get(info.get('directions', {}).get(n), '')}".strip() for n in names) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(names)]
+    for meth, rows in curves.items():
+        for row in rows:
+            lines.append(f"| {meth} | {row['r']:g} | {row['share_refined']:.1%} | {_fmt(row['seconds'])} | "
+                         + " | ".join(_fmt(row.get(n)) for n in names) + " |")
+    return lines
+
+
+def refinement_path(out: str | Path) -> Path:
+    """Where the refinement plot goes: ``refinement.png`` beside ``results.json`` (``<stem>_refinement.png``
+    beside any other name)."""
+    out = Path(out)
+    return out.with_name("refinement.png" if out.stem == "results" else f"{out.stem}_refinement.png")
+
+
+def save_refinement_plot(results: dict[str, Any], path: str | Path) -> Path | None:
+    """The refinement curves of every method that has one: each metric, and the seconds, against ``r``."""
+    curves = {m: e["refinement_curve"] for m, e in results["methods"].items() if e.get("refinement_curve")}
+    if not curves:
+        return None
+    panels = [(name, name) for name in curve_metrics(results)] + [("seconds", "seconds of the calls")]
+    return plot_curves(curves, "r", panels, path, xlabel="fraction of masks refined, lowest trust first (r)",
+                       title=f"Refinement curve, {results['num_images']} {results['split']} images "
+                             f"({results['explanandum']})")
 
 
 def save_figure(figure: dict[str, Any], path: str | Path) -> Path | None:
@@ -102,7 +156,8 @@ def save_figure(figure: dict[str, Any], path: str | Path) -> Path | None:
 
 
 def write_outputs(results: dict[str, Any], figure: dict[str, Any] | None, out: str | Path) -> dict[str, Path]:
-    """results.json at ``out``; ``.md`` and ``.png`` beside it (each written atomically)."""
+    """results.json at ``out``; ``.md``, ``.png`` and, with refinement curves, :func:`refinement_path` beside it
+    (each written atomically)."""
     out = Path(out)
     paths = {"json": atomic_write_text(out, json.dumps(results, indent=2) + "\n"),
              "md": atomic_write_text(out.with_suffix(".md"), markdown_table(results))}
@@ -110,4 +165,7 @@ def write_outputs(results: dict[str, Any], figure: dict[str, Any] | None, out: s
         png = save_figure(figure, out.with_suffix(".png"))
         if png is not None:
             paths["png"] = png
+    curve = save_refinement_plot(results, refinement_path(out))
+    if curve is not None:
+        paths["refinement"] = curve
     return paths

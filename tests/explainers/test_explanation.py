@@ -237,3 +237,15 @@ def test_decoders_agree_on_16_bit_and_palette(files):
     rgb = np.asarray(Image.open(pal).convert("RGB"))
     assert torch.equal(read_image(pal), torch.from_numpy(rgb).permute(2, 0, 1).float() / 255)
     assert torch.equal(read_image(io.BytesIO(pal.read_bytes()).getvalue()), read_image(pal))
+
+
+def test_input_resolution_of_a_fixed_size_classifier(tiny_vit, tiny_cnn):
+    """An explainer with no trained input size is fed the one size a ViT classifier takes (32 here), else 128."""
+    from types import SimpleNamespace
+
+    from explainer.explainers.explanation import input_resolution
+
+    assert input_resolution(SimpleNamespace(explanandum=tiny_vit, input_size=None)) == 32
+    assert input_resolution(SimpleNamespace(explanandum=tiny_cnn, input_size=None)) == DEFAULT_INPUT_SIZE
+    assert input_resolution(SimpleNamespace(explanandum=tiny_vit, input_size=64)) == 64
+    assert input_resolution(SimpleNamespace(explanandum=tiny_vit, input_size=None), size=48) == 48
