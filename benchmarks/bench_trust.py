@@ -141,24 +141,12 @@ def main() -> None:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=1))
     if a.plot:
-        import matplotlib
+        from explainer.core.viz import plot_curves
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for ax, metric, label in ((axes[0], "iou", "mean IoU (val. threshold)"),
-                                  (axes[1], "insertion", "insertion AUC (mean fill)")):
-            for name, style in (("trust", "o-"), ("random", "s--"), ("oracle", "^:")):
-                ax.plot(fractions, [row[metric] for row in curves[name]], style, label=f"{name} order")
-            ax.set_xlabel("fraction of masks refined per image (r)")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"Selective refinement, {len(cls)} test masks ({Path(a.checkpoint).stem})", fontsize=10)
-        fig.tight_layout()
-        Path(a.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(a.plot, dpi=110)
+        plot_curves({f"{name} order": curves[name] for name in ("trust", "random", "oracle")}, "r",
+                    [("iou", "mean IoU (val. threshold)"), ("insertion", "insertion AUC (mean fill)")], a.plot,
+                    title=f"Selective refinement, {len(cls)} test masks ({Path(a.checkpoint).stem})",
+                    xlabel="fraction of masks refined per image (r)", styles=["o-", "s--", "^:"])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Class-selective decoding: a trained explainer's network computes only the requested classes' mask channels.
 
 The last layer of a mask network maps features to one channel per class (smp's ``segmentation_head[0]``, a
-1x1 convolution; LTX's backbone ``head``, a convolution or, for a ViT, the last ``Linear`` over tokens); every
-operation after it (upsampling, convex upsampling, sigmoid, grid smoothing) works on each channel on its own.
+1x1 convolution, or the last layer of DPT's ``segmentation_head.head``; LTX's backbone ``head``, a convolution
+or, for a ViT, the last ``Linear`` over tokens); every operation after it (upsampling, convex upsampling,
+sigmoid, grid smoothing) works on each channel on its own.
 :func:`only_classes` swaps that layer, for the duration of a forward pass, for the same layer sliced to the
 wanted classes, so that ``k`` masks of a 1000-class explainer cost ``k`` channels, not 1000. A network without
 such a layer (a class-agnostic LTX: one channel for every class) computes all its channels, as before. The
@@ -40,6 +41,9 @@ def class_layer(net: nn.Module, num_classes: int) -> tuple[nn.Module, str] | Non
     places = []
     if isinstance(head, nn.Sequential) and len(head):
         places.append((head, "0"))
+    inner = getattr(head, "head", None)  # smp's DPT: segmentation_head.head, a Sequential ending in the 1x1
+    if isinstance(inner, nn.Sequential) and len(inner):
+        places.append((inner, str(len(inner) - 1)))
     head = getattr(net, "head", None)
     if isinstance(head, nn.Sequential) and len(head):
         places.append((head, str(len(head) - 1)))

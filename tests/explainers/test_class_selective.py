@@ -1,6 +1,6 @@
 """Class-selective decoding (explainer.explainers.class_head): ``explain(x, targets)`` and
 ``explanation(classes=..., top_k=k)`` compute only the requested classes' mask channels, and give what slicing
-the all-class output gives, for every kind of mask network (smp Unet and FPN heads, LTX's backbone head on a CNN
+the all-class output gives, for every kind of mask network (smp Unet, FPN and DPT heads, LTX's backbone head on a CNN
 and on a ViT, class-agnostic LTX, the committed checkpoints, among them a distilled student with output_grid)."""
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ def build(which: str, tiny_cnn, tiny_vit):
     if which == "explainer-fpn":
         return ExplainerModule(tiny_cnn, architecture="FPN", encoder="tu-explainer_resnet_tiny",
                                decoder_kwargs={"decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32})
+    if which == "explainer-dpt":  # smp's DPT on a ViT encoder (what architecture "auto" gives a ViT classifier)
+        return ExplainerModule(tiny_cnn, architecture="DPT", encoder="tu-vit_tiny_patch16_224",
+                               init_encoder_from_explanandum=False, decoder_kwargs={
+                                   "encoder_depth": 2, "decoder_intermediate_channels": [16, 16],
+                                   "decoder_fusion_channels": 16})
     if which == "ltx-cnn":
         return LTXModule(tiny_cnn)
     if which == "ltx-vit":
@@ -44,8 +49,8 @@ class Channels:
         self.handle = net.register_forward_hook(lambda mod, inp, out: self.seen.append(out.shape[1]))
 
 
-@pytest.mark.parametrize("which", ["explainer-unet", "explainer-fpn", "ltx-cnn", "ltx-vit", "ltx-agnostic",
-                                   "explainer", "ltx", "faithful"])
+@pytest.mark.parametrize("which", ["explainer-unet", "explainer-fpn", "explainer-dpt", "ltx-cnn", "ltx-vit",
+                                   "ltx-agnostic", "explainer", "ltx", "faithful"])
 def test_only_the_requested_channels_equal_the_sliced_all_class_output(which, tiny_cnn, tiny_vit):
     m = build(which, tiny_cnn, tiny_vit).eval()
     C = m.num_classes
