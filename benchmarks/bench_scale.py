@@ -2,13 +2,14 @@
 224 px, with 20 and with 1000 classes.
 
     python benchmarks/bench_scale.py [--archs timm:resnet50,torchvision:resnet50,timm:convnext_tiny,...]
-        [--batch 8] [--repeats 3] [--network paper|fpn] [--json docs/results/scale.json]
+        [--batch 8] [--repeats 3] [--network paper|light] [--json docs/results/scale.json]
 
 Each explanandum is measured in its own process (so the peak memory is its own), randomly initialised (the costs
 do not depend on the weights), with the Explainer of configs/voc/explainer.yaml (20 classes, multi-label) and of
 configs/imagenet/explainer.yaml (1000 classes, softmax), both with ``architecture: auto`` (the paper's network for
 that classifier: DeepLabV3+ on its own backbone, DPT for a ViT), channels-last as the configs run; ``--network
-fpn``: the embedded default's decoder (FPN, 64/32 channels) on the classifier's own encoder instead (ViTs keep DPT):
+light``: the embedded default's decoder (FPN, 64/32 channels) on the classifier's own encoder instead, and for a ViT
+DPT at a quarter of its default widths:
 
 * training: one optimiser step of the Explainer (its network forward and backward, the classifier's passes over
   the masked images and their backward to the masks) at ``--batch``; images/s; the process's peak resident
@@ -52,7 +53,8 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-FAST_DECODER = {"decoder_pyramid_channels": 64, "decoder_segmentation_channels": 32}
+LIGHT_FPN = {"decoder_pyramid_channels": 64, "decoder_segmentation_channels": 32}
+LIGHT_DPT = {"decoder_intermediate_channels": [64, 128, 256, 256], "decoder_fusion_channels": 64}
 
 
 def _module(spec: str, classes: int, config: str, network: str = "paper"):
@@ -67,11 +69,10 @@ def _module(spec: str, classes: int, config: str, network: str = "paper"):
                                    multilabel=classes < 1000)
     kw = yaml.safe_load((ROOT / config).read_text())["model"]["init_args"]
     kw.update(explanandum=f, architecture="auto", encoder="auto", log_images=0)
-    if network == "fpn":  # the embedded default's decoder (FPN, 64/32 channels) on the classifier's own encoder
-        probe = ExplainerModule(**kw)
-        if type(probe.net).__name__ != "DPT":  # a ViT keeps DPT: FPN needs a feature pyramid
-            kw.update(architecture="FPN", decoder_kwargs=FAST_DECODER)
-        del probe
+    if network == "light":  # the embedded default's decoder (FPN, 64/32 channels) on the classifier's own
+        # encoder; for a ViT (no feature pyramid for FPN) DPT with a quarter of its default widths
+        vit = type(ExplainerModule(**kw).net).__name__ == "DPT"
+        kw.update(architecture="DPT" if vit else "FPN", decoder_kwargs=LIGHT_DPT if vit else LIGHT_FPN)
     return f, ExplainerModule(**kw)
 
 
@@ -177,8 +178,9 @@ def main() -> None:
     p.add_argument("--archs", default=",".join(ARCHS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--network", default="paper", choices=["paper", "fpn"],
-                   help="paper: architecture auto (DeepLabV3+ / DPT); fpn: FPN 64/32 on the classifier's encoder")
+    p.add_argument("--network", default="paper", choices=["paper", "light"],
+                   help="paper: architecture auto (DeepLabV3+ / DPT); light: FPN 64/32 on the classifier's encoder "
+                        "(a ViT: DPT at a quarter of its widths)")
     p.add_argument("--json", default=None, help="write the measurements here")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process: one explanandum
     a = p.parse_args()
