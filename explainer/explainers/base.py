@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import pytorch_lightning as pl
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from explainer.core import viz
 from explainer.core.constants import round_up_size
 from explainer.core.images import check_images
 from explainer.core.masking import apply_mask, check_baseline
@@ -31,7 +33,7 @@ from explainer.data.resume import ExactResume
 from explainer.explainers.class_head import only_classes
 from explainer.explainers.explanation import ExplainsImages
 from explainer.explainers.integrity import NonFiniteError, check_class_names, diverged, nonfinite_tensors, unusable
-from explainer.explainers.trust import TrustModel
+from explainer.explainers.trust import TrustModel, mask_rows, trust_of, trust_signals
 from explainer.explanandum import Explanandum, load_explanandum
 
 CHECKPOINT_FORMAT = "explainer.checkpoint/1"
@@ -106,6 +108,50 @@ class TrainedExplainer(pl.LightningModule, ExplainsImages):
         # the explanandum's weights are not saved with the explainer: the checkpoint names it
         # (spec + fingerprint) instead
         self.strict_loading = False
+
+    # ---- validation panels (W&B, TensorBoard, or PNGs beside a CSV log) ---------------------------------------
+    def log_validation_panels(self, x: torch.Tensor, s: torch.Tensor | None, present: torch.Tensor) -> None:
+        """The first validation batch's panels, ``hparams.log_images`` rows each (0 or absent: none):
+        ``val/masks``, the masks of the present classes of the first images, and ``val/least_trusted``, the masks
+        of present classes with the lowest trust. ``s``: the batch's all-class masks (None: ``explain(x)``)."""
+        n = int(self.hparams.get("log_images", 0) or 0)
+        if not n or self.trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        if s is None:
+            s = self.explain(x)
+        self._log_panel(x[:n], s[:n], present[:n])
+        self._log_least_trusted(x, s, present, n)
+
+    def _log_least_trusted(self, x, s, present, n):
+        """The ``n`` masks of present classes with the lowest trust in the first validation batch (the fitted
+        trust model if the module has one, else ``keep * (1 - remove)``), one per row, as ``val/least_trusted``."""
+        if self.trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        chosen = [p.nonzero()[:, 0] for p in present]
+        if not sum(len(c) for c in chosen):
+            return
+        masks = [s[i, c] for i, c in enumerate(chosen)]
+        features = self.trust_model.features if self.trust_model is not None else ()
+        with self.explanandum.unchecked():
+            probs = self.explanandum.probabilities(self.explanandum(x)).float()
+            trust = trust_of(self, trust_signals(self, x, chosen, masks, probs, features))
+        pick = torch.argsort(trust, stable=True)[:n]
+        rows, cls = mask_rows(chosen)
+        rows = rows[pick].to(x.device)
+        self._log_panel(x[rows], s[rows], F.one_hot(cls[pick], self.num_classes).bool(), key="least_trusted")
+
+    def _log_panel(self, x, s, present, key="masks"):
+        if self.trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        panel = viz.mask_panel(x, s, present, self.class_names)
+        for logger in self.loggers:
+            name = type(logger).__name__
+            if name == "WandbLogger":
+                logger.log_image(key=f"val/{key}", images=[panel], step=self.global_step)
+            elif name == "TensorBoardLogger":
+                logger.experiment.add_image(f"val/{key}", panel, self.global_step, dataformats="HWC")
+            elif getattr(logger, "log_dir", None):
+                viz.save_png(panel, Path(logger.log_dir) / key / f"epoch{self.current_epoch:03d}.png")
 
     def save_settings(self) -> None:
         """``save_hyperparameters`` of the calling ``__init__`` (a kind's), with the explanandum recorded as its

@@ -108,6 +108,7 @@ class DistillModule(TrainedExplainer):
         upsampling: "bilinear", "convex" or "convex_zero" (image-guided upsampling of the coarse masks, as the
             Explainer's).
         lr, weight_decay, optimizer, lr_schedule, warmup_steps, channels_last: see TrainedExplainer.
+        log_images: rows of the validation panels (``val/masks``, ``val/least_trusted``; 0: none).
         explanandum_fingerprint: set when restoring.
     """
 
@@ -125,7 +126,7 @@ class DistillModule(TrainedExplainer):
                  augment: bool = True,
                  rotate: bool = True, lr: float = 1e-3, weight_decay: float = 0.0, optimizer: str = "adam",
                  lr_schedule: str = "cosine", warmup_steps: int = 0, channels_last: bool = True,
-                 upsampling: str = "bilinear", explanandum_fingerprint: str | None = None):
+                 upsampling: str = "bilinear", log_images: int = 4, explanandum_fingerprint: str | None = None):
         if map_loss not in losses.MAP_LOSSES:
             raise ValueError(f"map_loss: expected one of {losses.MAP_LOSSES}, got {map_loss!r}")
         for name, v in (("lambda_map", lambda_map), ("lambda_absent", lambda_absent), ("lambda_curve", lambda_curve),
@@ -255,3 +256,5 @@ class DistillModule(TrainedExplainer):
         B = batch["image"].shape[0]
         self.log_dict({f"val/{k}": v for k, v in out.items() if k != "loss"}, sync_dist=True, batch_size=B)
         self.log("val/loss", out["loss"], sync_dist=True, batch_size=B, prog_bar=True)
+        if batch_idx == 0:
+            self.log_validation_panels(batch["image"], None, batch["labels"] > 0.5)

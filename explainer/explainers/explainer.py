@@ -15,18 +15,14 @@ that rewards a class's own map for keeping that class and no other.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MultilabelJaccardIndex
 
 from explainer import losses
-from explainer.core import viz
 from explainer.core.constants import VOID
 from explainer.core.masking import surround_fill
 from explainer.explainers.base import TrainedExplainer, register_kind
-from explainer.explainers.trust import mask_rows, trust_of, trust_signals
 from explainer.nets.segmentation import build_mask_net, paper_network
 
 
@@ -214,43 +210,10 @@ class ExplainerModule(TrainedExplainer):
             tgt = F.one_hot(gt.clamp(max=self.num_classes), self.num_classes + 1)[..., 1:].permute(0, 3, 1, 2)
             tgt = torch.where((gt == VOID)[:, None], torch.full_like(tgt, VOID), tgt)
             self.val_iou.update(s[hm], tgt)
-        if batch_idx == 0 and self.hparams.log_images:
-            n = self.hparams.log_images
-            self._log_panel(batch["image"][:n], s[:n], present[:n])
-            self._log_least_trusted(batch["image"], s, present, n)
+        if batch_idx == 0:
+            self.log_validation_panels(batch["image"], s, present)
 
     def on_validation_epoch_end(self):
         if self.val_iou.update_count:
             self.log("val/miou", self.val_iou.compute(), sync_dist=True, prog_bar=True)
         self.val_iou.reset()
-
-    def _log_least_trusted(self, x, s, present, n):
-        """The ``n`` masks of present classes with the lowest trust in the first validation batch (the fitted
-        trust model if the module has one, else ``keep * (1 - remove)``), one per row, as ``val/least_trusted``."""
-        if self.trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
-        chosen = [p.nonzero()[:, 0] for p in present]
-        if not sum(len(c) for c in chosen):
-            return
-        masks = [s[i, c] for i, c in enumerate(chosen)]
-        features = self.trust_model.features if self.trust_model is not None else ()
-        with self.explanandum.unchecked():
-            probs = self.explanandum.probabilities(self.explanandum(x)).float()
-            trust = trust_of(self, trust_signals(self, x, chosen, masks, probs, features))
-        pick = torch.argsort(trust, stable=True)[:n]
-        rows, cls = mask_rows(chosen)
-        rows = rows[pick].to(x.device)
-        self._log_panel(x[rows], s[rows], F.one_hot(cls[pick], self.num_classes).bool(), key="least_trusted")
-
-    def _log_panel(self, x, s, present, key="masks"):
-        if self.trainer is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
-        panel = viz.mask_panel(x, s, present, self.class_names)
-        for logger in self.loggers:
-            name = type(logger).__name__
-            if name == "WandbLogger":
-                logger.log_image(key=f"val/{key}", images=[panel], step=self.global_step)
-            elif name == "TensorBoardLogger":
-                logger.experiment.add_image(f"val/{key}", panel, self.global_step, dataformats="HWC")
-            elif getattr(logger, "log_dir", None):
-                viz.save_png(panel, Path(logger.log_dir) / key / f"epoch{self.current_epoch:03d}.png")

@@ -116,6 +116,7 @@ class LTXModule(TrainedExplainer):
             ``"smp"``. Finetuning always uses eval-mode batch norm.
         lr, weight_decay, optimizer, lr_schedule, warmup_steps: pretraining
             optimisation (official: AdamW, lr 2e-3, linear warm-up then decay).
+        log_images: rows of the validation panels (``val/masks``, ``val/least_trusted``; 0: none).
         explanandum_fingerprint: set when restoring; must match the explanandum.
     """
 
@@ -129,7 +130,7 @@ class LTXModule(TrainedExplainer):
                  curve_temperature: float = CURVE_TEMPERATURE,
                  freeze_bn: bool | None = None, lr: float = 2e-3, weight_decay: float = 0.0,
                  optimizer: str = "adamw", lr_schedule: str = "linear", warmup_steps: int = 0,
-                 finetuning: dict | None = None, explanandum_fingerprint: str | None = None):
+                 finetuning: dict | None = None, log_images: int = 4, explanandum_fingerprint: str | None = None):
         check_objective_settings(baseline=baseline, mask_penalty=mask_penalty, lambda_mask=lambda_mask,
                                  lambda_inverse=lambda_inverse, kl_scope=kl_scope,
                                  lambda_curve=lambda_curve, curve_areas=curve_areas,
@@ -275,3 +276,5 @@ class LTXModule(TrainedExplainer):
         self.log_dict({f"val/{k}": v for k, v in out.items() if k != "loss"}, sync_dist=True, batch_size=B)
         self.log("val/area_all", area_all, sync_dist=True, batch_size=B)
         self.log("val/loss", out["loss"], sync_dist=True, batch_size=B, prog_bar=True)
+        if batch_idx == 0:
+            self.log_validation_panels(batch["image"], None, batch["labels"] > 0.5)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from helpers import TINY_DECODER, tiny_classifier
+from PIL import Image
 
 import explainer
 from explainer import losses
@@ -311,3 +314,24 @@ def test_distilled_method_overrides_the_recorded_grid(setup, tiny_voc, tmp_path)
     assert torch.allclose(other.attribute(x, [1, 2]), grid_smooth(raw, 2), atol=1e-6)
     with pytest.raises(ValueError, match="output_grid"):
         explainer.methods.get("distill", None, checkpoint=str(path), output_grid=-1)
+
+
+@pytest.mark.parametrize("kind", ["distill", "ltx"])
+def test_validation_panels_of_every_kind(kind, setup, tiny_voc, tmp_path):
+    """A distilled student and LTX log the Explainer's validation panels too: the masks of the first images and
+    the least trusted masks of the batch (PNG files beside a CSV log; W&B and TensorBoard get the same images)."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    from explainer.explainers import LTXModule
+
+    d, clf = setup
+    pl.seed_everything(0)
+    model = student(clf, d, log_images=2) if kind == "distill" else LTXModule(clf, log_images=2)
+    logger = CSVLogger(str(tmp_path), name="logs")
+    tr = pl.Trainer(max_epochs=1, accelerator="cpu", logger=logger, enable_progress_bar=False,
+                    enable_checkpointing=False, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0)
+    tr.fit(model, VOCDataModule(root=str(tiny_voc), image_size=64, batch_size=8, num_workers=0))
+    for key in ("masks", "least_trusted"):
+        png = Path(logger.log_dir) / key / "epoch000.png"
+        assert png.is_file(), key
+        assert np.asarray(Image.open(png)).std() > 0  # a picture, not a blank

@@ -196,7 +196,7 @@ class TestRealArchitecture:
         ``finetune`` changes its masks and writes them as ``explain`` does."""
         model = {"class_path": "explainer.explainers.LTXModule",
                  "init_args": {"explanandum": str(run["clf"]), "network": "backbone", "lambda_mask": 50.0,
-                               "lr": 2e-3}}
+                               "lr": 2e-3, "log_images": 0}}
         cfg = _fit_config(tmp_path / "ltx.yaml", model, tree, tmp_path / "ltx", 2)
         assert cli.main(["fit", "--config", str(cfg)]) == 0
         ckpt = tmp_path / "ltx" / "checkpoints" / "last.ckpt"
