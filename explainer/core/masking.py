@@ -121,6 +121,27 @@ def separable_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), g.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
 
 
+def matrix_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """:func:`separable_blur` as two matrix products ``A_h x A_w^T``, the reflect padding folded into the
+    matrices (each row of ``A`` is the 1-D kernel reflected at the borders): the same result up to rounding,
+    several times faster on the CPU than a depthwise convolution with a wide kernel."""
+    k = kernel_length(sigma, x.shape[-2:])
+    if k // 2 >= min(x.shape[-2:]):
+        return blur(x, sigma)
+    return _blur_matrix(x.shape[-2], k, sigma, x) @ x @ _blur_matrix(x.shape[-1], k, sigma, x).T
+
+
+def _blur_matrix(n: int, k: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
+    """(n, n): row ``i`` holds the weights of the reflect-padded Gaussian (``k`` taps) at output pixel ``i``."""
+    r = k // 2
+    taps = torch.arange(k, dtype=torch.float64) - r
+    g = torch.exp(-0.5 * (taps / sigma) ** 2)
+    g = g / g.sum()
+    eye = torch.eye(n, dtype=torch.float64)[:, None]  # (n inputs, 1, n): a delta at each input pixel
+    response = F.conv1d(F.pad(eye, (r, r), mode="reflect"), g.view(1, 1, k))[:, 0]  # (input j, output i)
+    return response.T.to(like.dtype).to(like.device).contiguous()
+
+
 def surround_fill(x: torch.Tensor, keep: torch.Tensor, sigmas: Sequence[float] = SURROUND_SIGMAS,
                   eps: float = 1e-6) -> torch.Tensor:
     """``keep * x + (1 - keep) * fill``: the removed region filled from its surroundings, differentiably.

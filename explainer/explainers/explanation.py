@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from explainer.core.images import check_images
 from explainer.core.models import fixed_input_size
+from explainer.explainers.trust import cam_pass
 from explainer.explainers.trust_refine import trusted_masks
 
 DEFAULT_INPUT_SIZE = 128  # pixels a side, for an explainer that recorded no input size
@@ -212,7 +213,14 @@ class ExplainsImages:
         if isinstance(refine, bool) or not isinstance(refine, (int, float)) or not 0 <= refine <= 1:
             raise ValueError(f"refine: expected a fraction of the masks in [0, 1], got {refine!r}")
         xs, sizes = input_batch(x, input_resolution(self, size))
-        probabilities = self.class_probabilities(xs)
+        model = getattr(self, "trust_model", None)
+        cam = None
+        if (trust or refine > 0) and model is not None and "gradcam" in model.features and sizes:
+            # one classifier pass gives the probabilities and, kept, the Grad-CAM of every mask
+            probabilities, cam = cam_pass(self.explanandum, xs.to(self.device))
+            probabilities = probabilities.to(xs.device)
+        else:
+            probabilities = self.class_probabilities(xs)
         chosen = choose_classes(probabilities, classes, top_k)
         if not sizes:  # no images
             empty = torch.zeros(0, probabilities.shape[-1], *x.shape[-2:]) if isinstance(x, torch.Tensor) else []
@@ -220,5 +228,5 @@ class ExplainsImages:
         masks = self.selected_masks(xs, chosen)
         per_mask = None
         if trust or refine > 0:
-            masks, per_mask = trusted_masks(self, xs, chosen, masks, probabilities, float(refine))
+            masks, per_mask = trusted_masks(self, xs, chosen, masks, probabilities, float(refine), cam)
         return assemble(masks, chosen, probabilities, sizes, isinstance(x, torch.Tensor), per_mask)

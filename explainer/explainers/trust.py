@@ -27,9 +27,12 @@ a logistic regression fitted on validation images with labels from their ground 
 uses :func:`uncalibrated_trust`: ``keep * (1 - remove)``, a plain ranking that is not a probability.
 
 Cost: only the signals the model uses are computed. Per mask one classifier pass of the kept and one of the
-removed image (batched together) and a third for ``core``; class-selective explainer passes of the mirrored
-images for ``flip`` and of the rival classes for ``confusion``; one Grad-CAM (a forward and a backward pass of
-the classifier) per mask for ``gradcam`` (``benchmarks/bench_trust.py``).
+removed image (batched together, 2 x 32 images a batch) and a third for ``core``; class-selective explainer
+passes of the mirrored images for ``flip`` and of the rival classes for ``confusion``; for ``gradcam`` one
+classifier pass per image (the layers before the Grad-CAM layer without a graph) and, per mask, a backward pass
+through the layers after it (:func:`gradcam_maps`). The blur is two matrix products per image
+(:func:`explainer.core.masking.matrix_blur`). :data:`FEATURE_COST` lists what each signal adds
+(``benchmarks/bench_trust.py``); :func:`select_features` can keep the chosen features within a budget.
 """
 
 from __future__ import annotations
@@ -40,11 +43,20 @@ from typing import Any, Sequence
 
 import torch
 
-from explainer.core.masking import apply_mask, separable_blur
+from explainer.core.maps import upsample
+from explainer.core.masking import apply_mask, matrix_blur
 
 TRUST_BLUR_SIGMA = 10.0
 FEATURES = ("keep", "remove", "other", "prob", "flip", "area", "peak", "crisp", "core", "confusion", "gradcam")
 CONFUSION_CLASSES = 3  # the most probable other classes whose masks ``confusion`` compares with
+# What each signal adds to the cost of ``explanation(top_k=2, trust=True)``, in units of the cost of
+# ``explanation(top_k=2)`` itself (benchmarks/bench_trust.py, 32 images of the embedded benchmark, 2-core CPU):
+# the kept and removed images' classifier passes and the blur (every signal not listed) cost about 1.25 of it
+# whatever the model; ``gradcam`` a short backward pass per mask (its classifier pass is the one that gives
+# ``explanation()`` its probabilities, :func:`cam_pass`; on its own it adds about 0.4), ``core`` a third
+# classifier pass per mask, ``flip`` and ``confusion`` an explainer pass each. Rough: the spread between runs
+# on a busy CPU is about 0.1.
+FEATURE_COST = {"gradcam": 0.15, "core": 0.55, "flip": 0.65, "confusion": 0.7}
 _EPS = 1e-4
 CL = torch.channels_last  # the classifier's passes take channels-last inputs: about 1.5x faster with oneDNN
 
@@ -145,11 +157,12 @@ def _soft_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def trust_signals(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], masks: Sequence[torch.Tensor],
                   probabilities: torch.Tensor, features: Sequence[str] | None = None,
-                  batch_size: int = 64) -> dict[str, torch.Tensor]:
+                  batch_size: int = 32, cam: CamPass | None = None) -> dict[str, torch.Tensor]:
     """The signals (module docstring) of each mask, in the order of the masks: each (P,) float, P the total
     number of masks. ``x`` (B, 3, S, S) the images at the explainer's input size, ``classes`` and ``masks``
     (K_i,) and (K_i, S, S) per image, ``probabilities`` (B, C) the classifier's on ``x``. ``features``: the
-    signals wanted (None: all of :data:`FEATURES`); ``keep`` and ``remove`` are always given."""
+    signals wanted (None: all of :data:`FEATURES`); ``keep`` and ``remove`` are always given. ``cam``: the
+    classifier pass :func:`cam_pass` made on ``x``, which ``gradcam`` then reuses."""
     need = set(FEATURES if features is None else features)
     unknown = need - set(FEATURES)
     if unknown:
@@ -158,22 +171,24 @@ def trust_signals(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], 
     device = x.device
     rows, cls = mask_rows(classes)
     m = torch.cat([mk.to(device) for mk in masks])[:, None].float() if masks else x.new_zeros(0, 1, *x.shape[-2:])
-    blurred = separable_blur(x, TRUST_BLUR_SIGMA) if len(rows) else x  # once per image, not per mask
+    blurred = matrix_blur(x, TRUST_BLUR_SIGMA) if len(rows) else x  # once per image, not per mask
     out = {"keep": [], "remove": [], "other": [], **({"core": []} if "core" in need else {})}
-    for i in range(0, len(rows), batch_size):
-        r, c, mi = rows[i:i + batch_size].to(device), cls[i:i + batch_size].to(device), m[i:i + batch_size]
-        xi, b = x[r], blurred[r]
-        pair = torch.cat([apply_mask(xi, mi, b), apply_mask(xi, 1 - mi, b)])
-        both = f.probabilities(f(pair.contiguous(memory_format=CL))).float()
-        kept, removed = both[:len(r)], both[len(r):]
-        if "core" in need:
-            core = (mi > 0.5 * mi.flatten(1).max(1).values.view(-1, 1, 1, 1)).to(xi.dtype)
-            cored = f.probabilities(f(apply_mask(xi, core, b).contiguous(memory_format=CL))).float()
-            out["core"].append(cored.gather(1, c[:, None])[:, 0])
-        out["keep"].append(kept.gather(1, c[:, None])[:, 0])
-        out["remove"].append(removed.gather(1, c[:, None])[:, 0])
-        others = kept.scatter(1, c[:, None], float("-inf"))
-        out["other"].append(others.max(1).values if kept.shape[1] > 1 else torch.zeros_like(c, dtype=kept.dtype))
+    with f.unchecked():  # the images below are built from checked ones
+        for i in range(0, len(rows), batch_size):  # batches of 2 * 32 images: faster on a CPU than bigger ones
+            r, c, mi = rows[i:i + batch_size].to(device), cls[i:i + batch_size].to(device), m[i:i + batch_size]
+            xi, b = x[r], blurred[r]
+            d = mi * (xi - b)  # kept: m x + (1 - m) b = b + d; removed: (1 - m) x + m b = x - d
+            pair = torch.cat([b + d, xi - d])
+            both = f.probabilities(f(pair.contiguous(memory_format=CL))).float()
+            kept, removed = both[:len(r)], both[len(r):]
+            if "core" in need:
+                core = (mi > 0.5 * mi.flatten(1).max(1).values.view(-1, 1, 1, 1)).to(xi.dtype)
+                cored = f.probabilities(f(apply_mask(xi, core, b).contiguous(memory_format=CL))).float()
+                out["core"].append(cored.gather(1, c[:, None])[:, 0])
+            out["keep"].append(kept.gather(1, c[:, None])[:, 0])
+            out["remove"].append(removed.gather(1, c[:, None])[:, 0])
+            others = kept.scatter(1, c[:, None], float("-inf"))
+            out["other"].append(others.max(1).values if kept.shape[1] > 1 else torch.zeros_like(c, dtype=kept.dtype))
     signals = {k: (torch.cat(v) if v else torch.zeros(0)).cpu() for k, v in out.items()}
     signals["prob"] = probabilities.float().cpu()[rows, cls] if len(rows) else torch.zeros(0)
     flat = m[:, 0].cpu()
@@ -181,7 +196,7 @@ def trust_signals(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], 
     signals["peak"] = flat.flatten(1).max(1).values if len(rows) else torch.zeros(0)
     signals["crisp"] = (2 * flat - 1).abs().flatten(1).mean(1)
     if "gradcam" in need:
-        signals["gradcam"] = _gradcam_agreement(explainer, x, rows, cls, flat, batch_size)
+        signals["gradcam"] = _gradcam_agreement(explainer, x, rows, cls, flat, batch_size, cam)
     if "confusion" in need:
         signals["confusion"] = _confusion(explainer, x, classes, flat, probabilities)
     if "flip" in need:
@@ -192,23 +207,89 @@ def trust_signals(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], 
 
 
 def _gradcam_agreement(explainer: Any, x: torch.Tensor, rows: torch.Tensor, cls: torch.Tensor, flat: torch.Tensor,
-                       batch_size: int) -> torch.Tensor:
+                       batch_size: int, cam: CamPass | None = None) -> torch.Tensor:
     """Per mask: soft IoU with the min-max normalised Grad-CAM map of its class (:mod:`explainer.methods`)."""
-    from explainer.methods import get as get_method
-
     if not len(rows):
         return torch.zeros(0)
-    cam = get_method("gradcam", explainer.explanandum)
-    out = []
+    g = gradcam_maps(explainer.explanandum, x, rows, cls, batch_size, cam).cpu()
+    g = g - g.flatten(1).min(1).values.view(-1, 1, 1)
+    g = g / g.flatten(1).max(1).values.clamp(min=1e-12).view(-1, 1, 1)
+    return _soft_iou(g, flat)
+
+
+@dataclass
+class CamPass:
+    """A classifier pass kept for Grad-CAM (:func:`cam_pass`): the Grad-CAM layer's output ``a`` (a leaf that
+    requires grad) and the logits with the graph of the layers after it, for the images ``x``."""
+
+    a: torch.Tensor
+    logits: torch.Tensor
+
+
+def _cam_forward(f: Any, x: torch.Tensor, cam: Any) -> CamPass:
+    store: dict[str, torch.Tensor] = {}
+
+    def leaf(_m, _i, a):
+        store["a"] = a.detach().requires_grad_(True)
+        return store["a"].clone()  # in-place ops downstream must not touch the leaf
+
+    handle = cam.module.register_forward_hook(leaf)
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), f.unchecked():
+            logits = f(x.clone())
+    finally:
+        handle.remove()
+    return CamPass(store["a"], logits)
+
+
+def cam_pass(f: Any, x: torch.Tensor) -> tuple[torch.Tensor, CamPass]:
+    """The classifier's probabilities (B, C) of images ``x`` (B, 3, S, S), as
+    :meth:`~explainer.explainers.explanation.ExplainsImages.class_probabilities` gives them, and the pass kept
+    for :func:`gradcam_maps`: ``explanation(trust=True)`` of a trust model that uses ``gradcam`` makes the one
+    classifier pass on the images serve both."""
+    from explainer.methods import get as get_method
+
+    if x.requires_grad:
+        raise ValueError("cam_pass: expected images that do not require grad")
+    kept = _cam_forward(f, x, get_method("gradcam", f))
+    return f.probabilities(kept.logits.detach()).float(), kept
+
+
+def gradcam_maps(f: Any, x: torch.Tensor, rows: torch.Tensor, cls: torch.Tensor, batch_size: int = 64,
+                 kept: CamPass | None = None) -> torch.Tensor:
+    """Grad-CAM maps (P, S, S) (float, ReLU'd, not normalised) of class ``cls[p]`` for image ``x[rows[p]]``: the
+    maps of :class:`explainer.methods.cam.GradCAM` at its default layer, with one classifier pass per image
+    instead of one per mask (none with ``kept``, the pass :func:`cam_pass` made on ``x``). The layers before the
+    Grad-CAM layer run without recording a graph (its output is made a leaf that requires grad), and each mask's
+    gradient goes back only through the layers after it, one backward pass per class slot of an image."""
+    from explainer.methods import get as get_method
+    from explainer.methods.base import target_scores, tokens_to_map
+    from explainer.methods.cam import gradcam_map
+
+    cam = get_method("gradcam", f)
+    out = torch.zeros(len(rows), *x.shape[-2:])
+    images = torch.arange(len(x)) if kept is not None else torch.unique(rows)
+    step = len(images) if kept is not None else batch_size
     with torch.inference_mode(False), torch.enable_grad():
-        for i in range(0, len(rows), batch_size):
-            r, c = rows[i:i + batch_size], cls[i:i + batch_size]
-            xr = x[r.to(x.device)].clone().contiguous(memory_format=CL)
-            g = cam.attribute(xr, c.to(x.device)).detach().float().cpu()[:, 0]
-            g = g - g.flatten(1).min(1).values.view(-1, 1, 1)
-            g = g / g.flatten(1).max(1).values.clamp(min=1e-12).view(-1, 1, 1)
-            out.append(_soft_iou(g, flat[i:i + batch_size]))
-    return torch.cat(out)
+        for i in range(0, len(images), step):
+            imgs = images[i:i + step]
+            pos = torch.full((max(int(rows.max()) + 1, len(x)),), -1, dtype=torch.long)
+            pos[imgs] = torch.arange(len(imgs))
+            run = kept if kept is not None else _cam_forward(
+                f, x[imgs.to(x.device)].contiguous(memory_format=CL), cam)
+            masks = torch.nonzero(pos[rows] >= 0)[:, 0]
+            local = pos[rows[masks]]
+            slot, seen = torch.zeros_like(masks), {}  # an image's k-th mask goes in the k-th backward pass
+            for k, image in enumerate(local.tolist()):
+                slot[k] = seen[image] = seen.get(image, -1) + 1
+            for s in range(int(slot.max()) + 1 if len(slot) else 0):
+                pick = masks[slot == s]
+                r = pos[rows[pick]].to(run.logits.device)
+                score = target_scores(run.logits[r], cls[pick].to(run.logits.device)).sum()
+                (g,) = torch.autograd.grad(score, run.a, retain_graph=True)
+                maps = gradcam_map(tokens_to_map(cam.model, run.a.detach()[r]), tokens_to_map(cam.model, g[r]))
+                out[pick] = upsample(maps, x.shape[-2:], cam.interpolation)[:, 0].float().cpu()
+    return out
 
 
 def _confusion(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], flat: torch.Tensor,
@@ -280,11 +361,18 @@ def trust_auroc(trust: torch.Tensor, bad: torch.Tensor) -> float:
     return float(binary_auroc(1 - trust.reshape(-1).float(), bad.long()))
 
 
+def feature_cost(features: Sequence[str]) -> float:
+    """The extra cost of computing ``features`` (:data:`FEATURE_COST`, in units of ``explanation()``'s own cost)
+    beyond the kept and removed images' passes, which every trust needs."""
+    return float(sum(FEATURE_COST.get(f, 0.0) for f in set(features)))
+
+
 def select_features(signals: dict[str, torch.Tensor], good: torch.Tensor, candidates: Sequence[str] = FEATURES,
                     l2: float = 1e-2, min_gain: float = 0.002, seed: int = 0,
-                    interactions: bool = False) -> tuple[list[str], float]:
+                    interactions: bool = False, max_cost: float | None = None) -> tuple[list[str], float]:
     """Greedy forward selection of features by the two-fold cross-validated AUROC on the given (validation)
-    masks: add the feature that helps most until none adds ``min_gain``. Returns the features and their
+    masks: add the feature that helps most until none adds ``min_gain``; with ``max_cost``, only features that
+    keep :func:`feature_cost` of the chosen ones within it are candidates. Returns the features and their
     cross-validated AUROC."""
     n = len(good)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -302,7 +390,10 @@ def select_features(signals: dict[str, torch.Tensor], good: torch.Tensor, candid
 
     chosen, best = [], 0.5
     while len(chosen) < len(candidates):
-        gains = [(score(chosen + [f]), f) for f in candidates if f not in chosen]
+        gains = [(score(chosen + [f]), f) for f in candidates if f not in chosen
+                 and (max_cost is None or feature_cost(chosen + [f]) <= max_cost)]
+        if not gains:
+            break
         value, name = max(gains)
         if value < best + min_gain:
             break

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from explainer.explainers.trust import mask_rows, trust_of, trust_signals
+from explainer.explainers.trust import CamPass, mask_rows, trust_of, trust_signals
 
 
 def lowest_trust(trust: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -22,13 +22,15 @@ def lowest_trust(trust: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def trusted_masks(explainer: Any, xs: torch.Tensor, chosen: list[torch.Tensor], masks: list[torch.Tensor],
-                  probabilities: torch.Tensor, refine: float = 0.0
+                  probabilities: torch.Tensor, refine: float = 0.0, cam: CamPass | None = None
                   ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """The masks (refined where their trust is lowest, when ``refine`` > 0) and per-mask fields ``trust``,
-    ``keep``, ``remove``, ``refined``, each (P,) in mask order."""
+    ``keep``, ``remove``, ``refined``, each (P,) in mask order. ``cam``: the classifier pass on ``xs`` kept
+    for Grad-CAM (:func:`explainer.explainers.trust.cam_pass`)."""
     model = getattr(explainer, "trust_model", None)
     needs = {"features": model.features if model is not None else ()}
-    signals = trust_signals(explainer, xs, chosen, masks, probabilities, **needs)
+    signals = trust_signals(explainer, xs, chosen, masks, probabilities, cam=cam, **needs)
+    del cam  # the graph it holds is not needed any more
     trust = trust_of(explainer, signals)
     refined = torch.zeros(len(trust), dtype=torch.bool)
     if refine > 0 and len(trust):

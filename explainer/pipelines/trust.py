@@ -4,9 +4,10 @@ of its checkpoint; optionally measure it on held-out images.
 The masks scored are those of each image's ground-truth classes. A mask is *bad* when its IoU against its
 class's region (thresholded at the explainer's own threshold, chosen on the same validation images) is below
 ``--min_iou`` or its peak lies off the region (:func:`explainer.metrics.bad_masks`). The features are chosen by
-greedy forward selection on the validation masks (two-fold cross-validated AUROC) unless ``--features`` names
-them, and with them the L2 penalty and whether pairwise products of the features enter (``--l2``,
-``--interactions``); the logistic regression is fitted on all validation masks (docs/TRUST.md).
+greedy forward selection on the validation masks (two-fold cross-validated AUROC), among those whose extra
+cost stays within ``--max_cost``, unless ``--features`` names them, and with them the L2 penalty and whether
+pairwise products of the features enter (``--l2``, ``--interactions``); the logistic regression is fitted on
+all validation masks (docs/TRUST.md).
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from explainer.core.io import atomic_path
 from explainer.data.build import build_datamodule
 from explainer.explainers.export import export_safetensors
 from explainer.explainers.loading import load
-from explainer.explainers.trust import FEATURES, fit_trust_model, select_features, trust_auroc, trust_of, trust_signals
+from explainer.explainers.trust import (
+    FEATURES,
+    feature_cost,
+    fit_trust_model,
+    select_features,
+    trust_auroc,
+    trust_of,
+    trust_signals,
+)
 from explainer.metrics import bad_masks, choose_threshold
 from explainer.pipelines.args import parse
 
@@ -89,6 +98,9 @@ def config_parser() -> ArgumentParser:
     p.add_argument("--features", type=list[str] | None, default=None,
                    help=f"features among {list(FEATURES)}; default: chosen greedily on --split")
     p.add_argument("--min_iou", "--min-iou", type=float, default=0.2, help="below it a mask is bad")
+    p.add_argument("--max_cost", "--max-cost", type=float | None, default=None,
+                   help="choose only features whose extra cost (explainer.explainers.trust.FEATURE_COST, in units "
+                        "of explanation()'s own cost) stays within this; null: no limit")
     p.add_argument("--l2", type=list[float], default=[1e-3, 1e-2, 1e-1],
                    help="L2 penalties to choose from on --split (two-fold CV AUROC)")
     p.add_argument("--interactions", type=bool | None, default=None,
@@ -121,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         features, cv = list(a.features), None
         interactions, l2 = options[0]
     else:
-        tried = [(select_features(signals, ~bad, l2=l2, interactions=inter), inter, l2) for inter, l2 in options]
+        tried = [(select_features(signals, ~bad, l2=l2, interactions=inter, max_cost=a.max_cost), inter, l2)
+                 for inter, l2 in options]
         (features, cv), interactions, l2 = max(tried, key=lambda t: t[0][1])
         if not features:
             raise ValueError(f"trust: no feature ranks the bad masks of split {a.split!r} above chance; "
@@ -131,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                                               f"IoU threshold {threshold}, min_iou {a.min_iou}, l2 {l2}",
                                     interactions=interactions)
     report = {"checkpoint": a.checkpoint, "features": features, "interactions": interactions, "l2": l2,
-              "cv_auroc": cv, "iou_threshold": threshold,
+              "cv_auroc": cv, "max_cost": a.max_cost, "feature_cost": feature_cost(features),
+              "iou_threshold": threshold,
               "fit": summary(trust_of(e, signals), bad), "model": e.trust_model.to_dict()}
     if a.test_split:
         test = collect(e, dm, a.test_split, a.test_images, features=e.trust_model.features)

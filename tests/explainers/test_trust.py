@@ -1,6 +1,9 @@
 """Trust scores (explainer.explainers.trust) and the bad-mask labels they are fitted to:
 
-* the keep / remove / other / prob / flip signals against a plain per-mask loop;
+* the keep / remove / other / prob / flip signals against a plain per-mask loop; the matrix blur against the
+  separable one; Grad-CAM with one classifier pass per image (or the pass ``explanation()`` makes for the
+  probabilities) against GradCAM.attribute per mask;
+* the greedy selection within a cost budget against a plain selection among the affordable features;
 * the logistic fit against scikit-learn's LogisticRegression with the same penalty (a peer);
 * ``explanation(trust=True)`` gives the signals and trust of each mask shaped as its classes, for batches and
   for lists of images of different sizes; the fitted model travels in the safetensors export;
@@ -22,11 +25,16 @@ from explainer import cli
 from explainer.core.masking import blur
 from explainer.explainers.export import export_safetensors
 from explainer.explainers.trust import (
+    FEATURE_COST,
     FEATURES,
     TRUST_BLUR_SIGMA,
     TrustModel,
+    cam_pass,
     design_matrix,
+    feature_cost,
     fit_trust_model,
+    gradcam_maps,
+    mask_rows,
     select_features,
     trust_auroc,
     trust_signals,
@@ -165,6 +173,66 @@ def test_fit_matches_scikit_learn():
         fit_trust_model(s, torch.ones(len(good), dtype=torch.bool))
 
 
+def test_matrix_blur_matches_the_separable_blur():
+    from explainer.core.masking import matrix_blur, separable_blur
+
+    g = torch.Generator().manual_seed(3)
+    for shape, sigma in (((2, 3, 128, 128), 10.0), ((1, 3, 57, 91), 10.0), ((2, 1, 40, 33), 3.0),
+                         ((1, 3, 12, 12), 10.0)):  # the last: kernel wider than the image (blur's fallback)
+        x = torch.rand(*shape, generator=g)
+        assert torch.allclose(matrix_blur(x, sigma), separable_blur(x, sigma), atol=1e-5), (shape, sigma)
+    x = torch.rand(1, 3, 32, 32, generator=g, dtype=torch.float64)
+    assert matrix_blur(x, 2.0).dtype == torch.float64
+
+
+def test_gradcam_maps_match_the_method_per_mask(model, batch):
+    """One classifier pass per image, a backward pass per class slot: the maps of GradCAM.attribute run on
+    each (image, class) on its own, for masks in any order and batches that cut across images."""
+    classes = [torch.tensor([0, 3, 6]), torch.tensor([5]), torch.tensor([2, 2])]  # a class twice: two masks
+    rows, cls = mask_rows(classes)
+    order = torch.tensor([4, 0, 5, 2, 1, 3])
+    rows, cls = rows[order], cls[order]
+    got = gradcam_maps(model.explanandum, batch, rows, cls, batch_size=2)
+    ref = explainer.methods.get("gradcam", model.explanandum).attribute(batch[rows], cls)[:, 0]
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5)
+    assert not any(p.requires_grad for p in model.explanandum.parameters())
+    assert not model.explanandum.model.layer4._forward_hooks  # the hook is removed
+    # the pass explanation() makes for the probabilities, kept: the same probabilities, the same maps
+    probs, kept = cam_pass(model.explanandum, batch)
+    assert torch.equal(probs, model.class_probabilities(batch))
+    assert torch.allclose(gradcam_maps(model.explanandum, batch, rows, cls, kept=kept), ref, atol=1e-5)
+    # explanation(trust=True) of a trust model with gradcam uses it: the trust of trust_signals' own passes
+    assert "gradcam" in model.trust_model.features
+    r = model.explanation(batch, top_k=2, trust=True)
+    chosen = list(r.classes)
+    sig = trust_signals(model, batch, chosen, model.selected_masks(batch, chosen), model.class_probabilities(batch),
+                        model.trust_model.features)
+    assert torch.allclose(r.trust.flatten(), model.trust_model.score(sig).float(), atol=1e-5)
+    assert torch.equal(r.probabilities, model.explanation(batch, top_k=2).probabilities)
+
+
+def test_select_features_within_a_cost_budget():
+    s, _ = synthetic_signals()
+    g = torch.Generator().manual_seed(5)
+    z = design_matrix(s, FEATURES)
+    logit = 1.5 * z[:, 0] - z[:, 1] + 8 * (s["flip"].double() - 0.5) + 4 * (s["gradcam"].double() - 0.5)
+    good = torch.rand(len(logit), generator=g, dtype=torch.float64) < torch.sigmoid(logit)
+    assert feature_cost(["keep", "remove"]) == 0 and feature_cost(["gradcam", "flip", "gradcam"]) == pytest.approx(
+        FEATURE_COST["gradcam"] + FEATURE_COST["flip"])
+    # a budget that admits one feature of cost <= 0.5 (gradcam) and none dearer: the same as a plain selection
+    # among the free features and gradcam
+    free = [f for f in FEATURES if f not in FEATURE_COST]
+    for inter in (False, True):
+        got = select_features(s, good, l2=1e-2, interactions=inter, max_cost=0.5)
+        ref = select_features(s, good, [*free, "gradcam"], l2=1e-2, interactions=inter)
+        assert got == ref and "gradcam" in got[0] and "flip" not in got[0]
+    # flip carries the most signal here: with no budget it is chosen, with a zero budget nothing costly is
+    unlimited, _ = select_features(s, good)
+    assert {"flip", "gradcam"} <= set(unlimited)
+    cheap, _ = select_features(s, good, max_cost=0.0)
+    assert "flip" not in cheap and feature_cost(cheap) == 0 and set(cheap) >= {"keep", "remove"}
+
+
 def test_trust_model_travels_in_the_export(model, batch, tmp_path):
     s, good = synthetic_signals()
     fitted = fit_trust_model(s, good, ("keep", "remove", "flip"), fitted_on="synthetic")
@@ -227,6 +295,7 @@ def test_trust_verb_fits_and_writes_a_new_file(tiny_voc, tmp_path, capsys):
     back = explainer.load(out)
     assert back.trust_model is not None and list(back.trust_model.features) == ["keep", "remove"]
     assert rep["features"] == ["keep", "remove"] and 0 <= rep["test"]["bad_share"] <= 1
+    assert rep["max_cost"] is None and rep["feature_cost"] == 0
     assert cli.main(["trust", "--checkpoint", str(ckpt), "--out", str(ckpt)]) == 1
     assert "never overwritten" in capsys.readouterr().err and ckpt.read_bytes() == before
 
