@@ -265,6 +265,7 @@ def test_least_trusted_panel_shows_the_lowest_trust_masks(trained, monkeypatch):
 
 
 @pytest.mark.parametrize("cfg", ["configs/synthetic/explainer.yaml", "configs/voc/explainer.yaml",
+                                 "configs/voc/explainer_light.yaml",
                                  "configs/coco/explainer.yaml", "configs/imagenet/explainer.yaml",
                                  "configs/synthetic/explanandum.yaml"])
 def test_configs_parse(cfg):
@@ -274,7 +275,8 @@ def test_configs_parse(cfg):
     check_config(cfg)
 
 
-@pytest.mark.parametrize("cfg,classes", [("configs/voc/explainer.yaml", 20), ("configs/coco/explainer.yaml", 80),
+@pytest.mark.parametrize("cfg,classes", [("configs/voc/explainer.yaml", 20), ("configs/voc/explainer_light.yaml", 20),
+                                         ("configs/coco/explainer.yaml", 80),
                                          ("configs/imagenet/explainer.yaml", 1000)])
 def test_real_data_configs_build_their_model(cfg, classes):
     """The GPU configs' model, built as written with a randomly initialised ResNet-50 of the dataset's class count
