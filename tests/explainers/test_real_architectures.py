@@ -58,11 +58,11 @@ def _data(tree: Path) -> dict:
                           "num_workers": 0}}
 
 
-def _fit_config(path: Path, model: dict, tree: Path, out: Path, max_steps: int) -> Path:
-    """A training config as a user writes one: a checkpoint every optimiser step (all kept), one validation
-    batch."""
+def _fit_config(path: Path, model: dict, tree: Path, out: Path, max_steps: int, val_batches: int = 1) -> Path:
+    """A training config as a user writes one: a checkpoint every optimiser step (all kept), ``val_batches``
+    validation batches."""
     conf = {"seed_everything": 0,
-            "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "limit_val_batches": 1,
+            "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "limit_val_batches": val_batches,
                         "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
                         "logger": False, "default_root_dir": str(out),
                         "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
@@ -97,10 +97,11 @@ class TestRealArchitecture:
         """Two steps in one run, and a run resumed from that run's checkpoint after one step (what a run killed
         then would have left) to two: the same weights (buffers included)."""
         d = run["dir"]
-        assert cli.main(["fit", "--config", str(_fit_config(d / "full.yaml", run["model"], tree, d / "full", 2))]) == 0
+        cfg = _fit_config(d / "full.yaml", run["model"], tree, d / "full", 2)
+        assert cli.main(["fit", "--config", str(cfg)]) == 0
         part = d / "full" / "checkpoints" / "step=1.ckpt"
         assert torch.load(part, map_location="cpu", weights_only=True)["global_step"] == 1
-        cfg = _fit_config(d / "resume.yaml", run["model"], tree, d / "resumed", 2)
+        cfg = _fit_config(d / "resume.yaml", run["model"], tree, d / "resumed", 2, val_batches=0)
         assert cli.main(["fit", "--config", str(cfg), "--ckpt_path", str(part)]) == 0
         full, resumed = (_state(d / "full" / "checkpoints" / "last.ckpt"),
                          _state(d / "resumed" / "checkpoints" / "last.ckpt"))
@@ -192,17 +193,17 @@ class TestRealArchitecture:
         assert checked > 0
 
     def test_ltx_fit_and_finetune(self, run, tree, tmp_path, capsys):
-        """LTX (the official backbone network: a copy of the classifier with a light decoder) fits two steps;
+        """LTX (the official backbone network: a copy of the classifier with a light decoder) fits a step;
         ``finetune`` changes its masks and writes them as ``explain`` does."""
         model = {"class_path": "explainer.explainers.LTXModule",
                  "init_args": {"explanandum": str(run["clf"]), "network": "backbone", "lambda_mask": 50.0,
                                "lr": 2e-3, "log_images": 0}}
-        cfg = _fit_config(tmp_path / "ltx.yaml", model, tree, tmp_path / "ltx", 2)
+        cfg = _fit_config(tmp_path / "ltx.yaml", model, tree, tmp_path / "ltx", 1)
         assert cli.main(["fit", "--config", str(cfg)]) == 0
         ckpt = tmp_path / "ltx" / "checkpoints" / "last.ckpt"
         out = tmp_path / "ft"
         rc = cli.main(["finetune", "--checkpoint", str(ckpt), "--voc_root", str(tree), "--split", "test", "--limit",
-                       "1", "--steps", "2", "--batch_size", "1", "--size", str(SIZE), "--out", str(out),
+                       "1", "--steps", "1", "--batch_size", "1", "--size", str(SIZE), "--out", str(out),
                        "--progress", "false"])
         assert rc == 0, capsys.readouterr().err
         report = json.loads((out / "explanations.json").read_text())
