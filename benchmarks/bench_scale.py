@@ -32,21 +32,12 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from bench_explainer import _time as _best  # noqa: E402  (best of ``repeats`` after a warm-up; benchmarks/ is on the path)
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["timm:resnet50", "torchvision:resnet50", "timm:convnext_tiny", "timm:vit_small_patch16_224"]
-
-
-def _best(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def _rss_mb() -> float:

@@ -29,6 +29,14 @@ def tiny_classifier(path: Path, num_classes: int = 8, seed: int = 0) -> Path:
     return explainer.save_explanandum(f, path)
 
 
+def minmax_per_map(ref: torch.Tensor) -> torch.Tensor:
+    """Plain per-map min-max normalisation of (N, H, W) maps, a constant map to zeros (what the map cache stores,
+    written out again for the tests)."""
+    lo = ref.flatten(1).min(1).values.view(-1, 1, 1)
+    hi = ref.flatten(1).max(1).values.view(-1, 1, 1)
+    return torch.where(hi - lo > 1e-6 * hi.abs(), (ref - lo) / (hi - lo), torch.zeros_like(ref))
+
+
 def tiny_explainer_kwargs(clf: Path, **over) -> dict:
     kw = dict(explanandum=str(clf), architecture="Unet", encoder="tu-explainer_resnet_tiny",
               decoder_kwargs=TINY_DECODER, lr=1e-3, log_images=2, area_min=0.01, area_max=0.1)
