@@ -36,6 +36,23 @@ def test_total_variation_matches_plain_loop():
     assert torch.allclose(losses.total_variation(m), h + v)
 
 
+def test_tail_loss_matches_plain_loop_and_pushes_only_faint_pixels():
+    g = torch.Generator().manual_seed(2)
+    S = (torch.randn(2, 3, 4, 5, generator=g) * 5).requires_grad_()
+    select = torch.tensor([[True, False, True], [False, True, False]])
+    t = 4.0
+    expected = sum(min(max(S[b, c, i, j].item() + t, 0.0), t) / t for b in range(2) for c in range(3) if select[b, c]
+                   for i in range(4) for j in range(5)) / 20 / 2
+    loss = losses.tail_loss(S, select, t)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+    loss.backward()
+    faint = (S > -t) & (S < 0) & select[:, :, None, None]
+    assert torch.allclose(S.grad[faint], torch.full_like(S.grad[faint], 1 / t / 20 / 2))
+    assert (S.grad[~faint] == 0).all()  # on pixels and pixels already off feel nothing
+    with pytest.raises(ValueError, match="tail_logit"):
+        losses.tail_loss(S, select, 0.0)
+
+
 def test_masked_max_and_entropy_axioms():
     S = torch.randn(2, 3, 4, 4)
     sel = torch.tensor([[True, False, True], [False, False, False]])

@@ -51,7 +51,22 @@ def pick_present(present: torch.Tensor, index: torch.Tensor, step: int) -> torch
 
 INVERSE_FILLS = ("baseline", "surround")
 OBJECTIVE_DEFAULTS = {"lambda_ent": 1.0, "lambda_tv": 1.0, "lambda_area": 1.0, "lambda_mask": 0.1,
-                      "lambda_nontarget": 0.3, "area_min": 0.05, "area_max": 0.3}
+                      "lambda_nontarget": 0.3, "area_min": 0.05, "area_max": 0.3, "lambda_tail": 0.0,
+                      "tail_logit": 6.0}
+
+
+def check_sharpen(sharpen: dict | None, base: dict | None = None) -> None:
+    """``sharpen``: ``{"after": share of the run's steps in [0, 1), <objective setting>: value, ...}``, its
+    settings valid over ``base`` (the module's objective settings)."""
+    if sharpen is None:
+        return
+    if not isinstance(sharpen, dict) or "after" not in sharpen:
+        raise ValueError(f"sharpen: expected a mapping with 'after' (a share of the run's steps) and objective "
+                         f"settings among {sorted(OBJECTIVE_DEFAULTS)}, got {sharpen!r}")
+    after = sharpen["after"]
+    if isinstance(after, bool) or not isinstance(after, (int, float)) or not 0 <= after < 1:
+        raise ValueError(f"sharpen: 'after' expected a number in [0, 1), got {after!r}")
+    check_explainer_objective({**(base or {}), **{k: v for k, v in sharpen.items() if k != "after"}})
 
 
 def check_explainer_objective(settings: dict | None) -> dict:
@@ -65,6 +80,8 @@ def check_explainer_objective(settings: dict | None) -> dict:
     for k, v in out.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != v:
             raise ValueError(f"explainer objective: {k} expected a number >= 0, got {v!r}")
+    if not out["tail_logit"] > 0:
+        raise ValueError(f"explainer objective: tail_logit expected a number > 0, got {out['tail_logit']!r}")
     if not out["area_min"] <= out["area_max"] <= 1:
         raise ValueError(f"explainer objective: expected 0 <= area_min <= area_max <= 1, got "
                          f"{out['area_min']}, {out['area_max']}")
@@ -98,6 +115,9 @@ def explainer_objective(module: TrainedExplainer, x: torch.Tensor, y: torch.Tens
     out["nontarget"] = n.mean()
     total = total + settings["lambda_tv"] * out["tv"] + settings["lambda_area"] * out["area"] \
         + settings["lambda_mask"] * out["mask"] + settings["lambda_nontarget"] * out["nontarget"]
+    if settings["lambda_tail"]:
+        out["tail"] = losses.tail_loss(S, present, settings["tail_logit"])
+        total = total + settings["lambda_tail"] * out["tail"]
     out["loss"] = total
     return out
 
@@ -123,6 +143,12 @@ class ExplainerModule(TrainedExplainer):
         lambda_ent, lambda_tv, lambda_area, lambda_mask, lambda_nontarget:
             the paper's l_e, l_tv, l_a, l_m, l_n (official defaults 1, 1, 1, 0.1, 0.3).
         lambda_class: weight of the per-class extension term (0: the paper).
+        sharpen: ``{"after": a, <setting>: value, ...}``: from the share ``a`` of the run's optimiser steps on,
+            these objective settings (``lambda_mask``, ``area_max``, ``lambda_tail``, ...) replace the module's
+            (masks first learn what each class needs, then are priced down to it; None: one objective).
+        lambda_tail, tail_logit: weight of the faint-tail term (0: the paper; ``explainer.losses.tail_loss``):
+            the present classes' mask logits between ``-tail_logit`` and 0 pushed down with a constant slope,
+            so a mask is off where it is off instead of a few percent on over the whole background.
         area_min, area_max: the area bounds a_min, a_max.
         inverse_fill: what fills the region a mask removes in the entropy term: "baseline" (the masking
             baseline, the paper's) or "surround" (the surrounding colours, no flat silhouette left).
@@ -141,15 +167,23 @@ class ExplainerModule(TrainedExplainer):
                  encoder_weights: str | None = None, init_encoder_from_explanandum: bool = True,
                  decoder_kwargs: dict | None = None, baseline: str = "mean", lambda_ent: float = 1.0,
                  lambda_tv: float = 1.0, lambda_area: float = 1.0, lambda_mask: float = 0.1,
-                 lambda_nontarget: float = 0.3, lambda_class: float = 0.0, area_min: float = 0.05,
+                 lambda_nontarget: float = 0.3, lambda_class: float = 0.0, lambda_tail: float = 0.0,
+                 tail_logit: float = 6.0, area_min: float = 0.05,
                  area_max: float = 0.3, lr: float = 1e-4, weight_decay: float = 0.0, optimizer: str = "adam",
                  lr_schedule: str = "constant", warmup_steps: int = 0, log_images: int = 4,
                  channels_last: bool = True, inverse_fill: str = "baseline", upsampling: str = "bilinear",
-                 explanandum_fingerprint: str | None = None):
+                 sharpen: dict | None = None, explanandum_fingerprint: str | None = None):
+        check_sharpen(sharpen, {"lambda_ent": lambda_ent, "lambda_tv": lambda_tv, "lambda_area": lambda_area,
+                                "lambda_mask": lambda_mask, "lambda_nontarget": lambda_nontarget,
+                                "lambda_tail": lambda_tail, "tail_logit": tail_logit, "area_min": area_min,
+                                "area_max": area_max})
         if inverse_fill not in INVERSE_FILLS:
             raise ValueError(f"inverse_fill: expected one of {INVERSE_FILLS}, got {inverse_fill!r}")
         if not 0 <= area_min <= area_max <= 1:
             raise ValueError(f"area_min/area_max: expected 0 <= area_min <= area_max <= 1, got {area_min}, {area_max}")
+        if not (tail_logit > 0 and lambda_tail >= 0):
+            raise ValueError(f"lambda_tail/tail_logit: expected lambda_tail >= 0 and tail_logit > 0, got "
+                             f"{lambda_tail}, {tail_logit}")
         super().__init__(explanandum, explanandum_fingerprint, baseline=baseline, lr=lr, weight_decay=weight_decay,
                          optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                          channels_last=channels_last)
@@ -170,13 +204,25 @@ class ExplainerModule(TrainedExplainer):
         x, y = batch["image"], batch["labels"]
         S = self(x).float()  # under bf16 autocast the mask terms (area quantiles, TV) are still taken in fp32
         s = torch.sigmoid(S)
-        out = explainer_objective(self, x, y, S, {k: hp[k] for k in OBJECTIVE_DEFAULTS}, s,
-                                  hp.get("inverse_fill", "baseline"))
+        out = explainer_objective(self, x, y, S, self.objective_settings(), s, hp.get("inverse_fill", "baseline"))
         if hp.lambda_class:
             index = batch.get("index", torch.arange(x.shape[0], device=x.device))
             out["class"] = self._class_term(x, s, y > 0.5, torch.as_tensor(index, device=x.device))
             out["loss"] = out["loss"] + hp.lambda_class * out["class"]
         out["_S"] = S.detach()
+        return out
+
+    def objective_settings(self) -> dict:
+        """The objective's weights and area bounds at this step: the module's, with ``sharpen``'s in place from
+        its ``after`` share of the run's optimiser steps on (a function of the global step: a resumed run and
+        its validation see what the uninterrupted run saw)."""
+        hp = self.hparams
+        out = {k: hp.get(k, v) for k, v in OBJECTIVE_DEFAULTS.items()}
+        sharpen = hp.get("sharpen")
+        if sharpen and self._trainer is not None:
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            if self.global_step >= sharpen["after"] * total:
+                out.update({k: v for k, v in sharpen.items() if k != "after"})
         return out
 
     def _class_term(self, x, s, present, index):

@@ -199,6 +199,46 @@ def test_resume_gives_the_same_weights(tiny_voc, clf, tmp_path):
     assert torch.allclose(full.trainer.callback_metrics["val/loss"], t.callback_metrics["val/loss"], atol=1e-6)
 
 
+def test_sharpen_switches_the_objective_at_its_share_of_the_steps(tiny_voc, clf, tmp_path):
+    """``sharpen``: the first half of 4 steps trains with the module's objective, the second with the overrides;
+    the loss of a step is the objective of the settings in force (recomputed from its terms)."""
+    from explainer.explainers.explainer import explainer_objective
+
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            settings = module.objective_settings()
+            with torch.no_grad():
+                out = module.compute_losses(batch)
+                S = out["_S"]
+                plain = explainer_objective(module, batch["image"], batch["labels"], S, settings)
+            seen.append((trainer.global_step, settings, out, plain))
+
+    pl.seed_everything(0)
+    model = ExplainerModule(**tiny_explainer_kwargs(clf, lambda_mask=0.1, area_max=0.3,
+                                                    sharpen={"after": 0.5, "lambda_mask": 5.0, "area_max": 0.2,
+                                                             "lambda_tail": 2.0}))
+    _trainer(tmp_path, max_steps=4, limit_train_batches=4, limit_val_batches=0, callbacks=[Probe()]).fit(
+        model, _dm(tiny_voc))
+    assert [step for step, *_ in seen] == [0, 1, 2, 3]
+    for step, settings, out, plain in seen:
+        sharp = step >= 2
+        assert settings["lambda_mask"] == (5.0 if sharp else 0.1)
+        assert settings["area_max"] == (0.2 if sharp else 0.3) and settings["lambda_ent"] == 1.0
+        assert ("tail" in out) == sharp
+        expected = plain["loss"] + (model.hparams.lambda_class * out["class"] if "class" in out else 0)
+        assert torch.allclose(out["loss"], expected, atol=1e-6)
+    # outside a run (no trainer) the module's own settings
+    assert ExplainerModule(**tiny_explainer_kwargs(clf, sharpen={"after": 0.0, "lambda_tail": 1.0})
+                           ).objective_settings()["lambda_tail"] == 0.0
+    for bad, match in [({"lambda_mask": 1.0}, "'after'"), ({"after": 1.0}, "in \\[0, 1\\)"),
+                       ({"after": 0.5, "lambda_foo": 1.0}, "unknown settings"),
+                       ({"after": 0.5, "area_max": 0.001}, "area_min <= area_max")]:
+        with pytest.raises(ValueError, match=match):
+            ExplainerModule(**tiny_explainer_kwargs(clf, sharpen=bad))
+
+
 def test_config_errors(tmp_path):
     from explainer.pipelines.train import train_cli
 
