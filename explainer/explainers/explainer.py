@@ -173,10 +173,6 @@ class ExplainerModule(TrainedExplainer):
                  lr_schedule: str = "constant", warmup_steps: int = 0, log_images: int = 4,
                  channels_last: bool = True, inverse_fill: str = "baseline", upsampling: str = "bilinear",
                  sharpen: dict | None = None, explanandum_fingerprint: str | None = None):
-        check_sharpen(sharpen, {"lambda_ent": lambda_ent, "lambda_tv": lambda_tv, "lambda_area": lambda_area,
-                                "lambda_mask": lambda_mask, "lambda_nontarget": lambda_nontarget,
-                                "lambda_tail": lambda_tail, "tail_logit": tail_logit, "area_min": area_min,
-                                "area_max": area_max})
         if inverse_fill not in INVERSE_FILLS:
             raise ValueError(f"inverse_fill: expected one of {INVERSE_FILLS}, got {inverse_fill!r}")
         if not 0 <= area_min <= area_max <= 1:
@@ -188,6 +184,7 @@ class ExplainerModule(TrainedExplainer):
                          optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                          channels_last=channels_last)
         self.save_settings()
+        check_sharpen(sharpen, self.objective_settings())  # over the module's own settings (no run yet)
         if "auto" in (architecture, encoder):
             auto_arch, auto_enc = paper_network(self.explanandum)
             architecture = auto_arch if architecture == "auto" else architecture
