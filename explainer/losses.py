@@ -75,22 +75,6 @@ def tail_loss(S: torch.Tensor, select: torch.Tensor, tail_logit: float = 6.0) ->
     return (per * select.to(per.dtype)).sum(1).mean()
 
 
-def straight_through(m: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The mask the classifier is shown when masks are hard: ``m > threshold`` (0 or 1) in the forward pass, the
-    gradient of ``m`` itself in the backward pass (a straight-through estimator); ``m`` unchanged for
-    ``threshold`` 0.
-
-    A soft mask edge dims the object's own boundary pixels when the masked image is formed, so a classifier that
-    reads shapes is kept confident by a mask whose soft edge lies outside the object: a halo. Shown the hard
-    mask, the classification terms see the object exactly where the thresholded mask puts it.
-    """
-    if not 0 <= threshold < 1:
-        raise ValueError(f"straight_through: threshold expected in [0, 1), got {threshold!r}")
-    if not threshold:
-        return m
-    return m + ((m > threshold).to(m.dtype) - m).detach()
-
-
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, multilabel: bool) -> torch.Tensor:
     """BCE-with-logits against multi-hot labels (multi-label) or CE against their argmax (single-label)."""
     if multilabel:

@@ -53,19 +53,6 @@ def test_tail_loss_matches_plain_loop_and_pushes_only_faint_pixels():
         losses.tail_loss(S, select, 0.0)
 
 
-def test_straight_through_shows_the_hard_mask_and_passes_the_soft_gradient():
-    m = torch.tensor([[0.1, 0.5, 0.51, 0.9]], requires_grad=True)
-    hard = losses.straight_through(m, 0.5)
-    assert torch.equal(hard.detach(), torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
-    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
-    (hard * w).sum().backward()
-    assert torch.equal(m.grad, w)  # d hard / d m is the identity
-    assert losses.straight_through(m, 0.0) is m
-    for bad in (1.0, -0.1):
-        with pytest.raises(ValueError, match="threshold"):
-            losses.straight_through(m, bad)
-
-
 def test_masked_max_and_entropy_axioms():
     S = torch.randn(2, 3, 4, 4)
     sel = torch.tensor([[True, False, True], [False, False, False]])

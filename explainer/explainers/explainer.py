@@ -52,7 +52,7 @@ def pick_present(present: torch.Tensor, index: torch.Tensor, step: int) -> torch
 INVERSE_FILLS = ("baseline", "surround")
 OBJECTIVE_DEFAULTS = {"lambda_ent": 1.0, "lambda_tv": 1.0, "lambda_area": 1.0, "lambda_mask": 0.1,
                       "lambda_nontarget": 0.3, "area_min": 0.05, "area_max": 0.3, "lambda_tail": 0.0,
-                      "tail_logit": 6.0, "hard_mask": 0.0}
+                      "tail_logit": 6.0}
 
 
 def check_sharpen(sharpen: dict | None, base: dict | None = None) -> None:
@@ -80,9 +80,6 @@ def check_explainer_objective(settings: dict | None) -> dict:
     for k, v in out.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != v:
             raise ValueError(f"explainer objective: {k} expected a number >= 0, got {v!r}")
-    if not out["hard_mask"] < 1:
-        raise ValueError(f"explainer objective: hard_mask expected a threshold in [0, 1) (0: soft masks), got "
-                         f"{out['hard_mask']!r}")
     if not out["tail_logit"] > 0:
         raise ValueError(f"explainer objective: tail_logit expected a number > 0, got {out['tail_logit']!r}")
     if not out["area_min"] <= out["area_max"] <= 1:
@@ -106,11 +103,10 @@ def explainer_objective(module: TrainedExplainer, x: torch.Tensor, y: torch.Tens
     s = torch.sigmoid(S) if s is None else s
     m = torch.sigmoid(losses.masked_max(S, present))
     n = torch.sigmoid(losses.masked_max(S, ~present))
-    shown = losses.straight_through(m, settings["hard_mask"])  # what the classifier sees of the mask
-    out = {"cls": losses.classification_loss(f(module.mask(x, shown)), y, f.multilabel)}
+    out = {"cls": losses.classification_loss(f(module.mask(x, m)), y, f.multilabel)}
     total = out["cls"]
     if settings["lambda_ent"]:
-        removed = module.mask(x, 1 - shown) if inverse_fill == "baseline" else surround_fill(x, 1 - shown)
+        removed = module.mask(x, 1 - m) if inverse_fill == "baseline" else surround_fill(x, 1 - m)
         out["ent"] = losses.negative_entropy(f(removed))
         total = total + settings["lambda_ent"] * out["ent"]
     out["tv"] = losses.total_variation(m) + losses.total_variation(n)
@@ -153,9 +149,6 @@ class ExplainerModule(TrainedExplainer):
         lambda_tail, tail_logit: weight of the faint-tail term (0: the paper; ``explainer.losses.tail_loss``):
             the present classes' mask logits between ``-tail_logit`` and 0 pushed down with a constant slope,
             so a mask is off where it is off instead of a few percent on over the whole background.
-        hard_mask: 0 (the paper): the classifier terms see the soft mask; a threshold t in (0, 1): they see
-            ``m > t`` with the soft mask's gradient (``explainer.losses.straight_through``), so a soft edge
-            cannot buy confidence with a halo around the object.
         area_min, area_max: the area bounds a_min, a_max.
         inverse_fill: what fills the region a mask removes in the entropy term: "baseline" (the masking
             baseline, the paper's) or "surround" (the surrounding colours, no flat silhouette left).
@@ -175,7 +168,7 @@ class ExplainerModule(TrainedExplainer):
                  decoder_kwargs: dict | None = None, baseline: str = "mean", lambda_ent: float = 1.0,
                  lambda_tv: float = 1.0, lambda_area: float = 1.0, lambda_mask: float = 0.1,
                  lambda_nontarget: float = 0.3, lambda_class: float = 0.0, lambda_tail: float = 0.0,
-                 tail_logit: float = 6.0, hard_mask: float = 0.0, area_min: float = 0.05,
+                 tail_logit: float = 6.0, area_min: float = 0.05,
                  area_max: float = 0.3, lr: float = 1e-4, weight_decay: float = 0.0, optimizer: str = "adam",
                  lr_schedule: str = "constant", warmup_steps: int = 0, log_images: int = 4,
                  channels_last: bool = True, inverse_fill: str = "baseline", upsampling: str = "bilinear",
@@ -184,8 +177,6 @@ class ExplainerModule(TrainedExplainer):
             raise ValueError(f"inverse_fill: expected one of {INVERSE_FILLS}, got {inverse_fill!r}")
         if not 0 <= area_min <= area_max <= 1:
             raise ValueError(f"area_min/area_max: expected 0 <= area_min <= area_max <= 1, got {area_min}, {area_max}")
-        if not 0 <= hard_mask < 1:
-            raise ValueError(f"hard_mask: expected a threshold in [0, 1) (0: soft masks), got {hard_mask!r}")
         if not (tail_logit > 0 and lambda_tail >= 0):
             raise ValueError(f"lambda_tail/tail_logit: expected lambda_tail >= 0 and tail_logit > 0, got "
                              f"{lambda_tail}, {tail_logit}")
@@ -213,8 +204,7 @@ class ExplainerModule(TrainedExplainer):
         out = explainer_objective(self, x, y, S, self.objective_settings(), s, hp.get("inverse_fill", "baseline"))
         if hp.lambda_class:
             index = batch.get("index", torch.arange(x.shape[0], device=x.device))
-            out["class"] = self._class_term(x, s, y > 0.5, torch.as_tensor(index, device=x.device),
-                                            self.objective_settings()["hard_mask"])
+            out["class"] = self._class_term(x, s, y > 0.5, torch.as_tensor(index, device=x.device))
             out["loss"] = out["loss"] + hp.lambda_class * out["class"]
         out["_S"] = S.detach()
         return out
@@ -232,12 +222,11 @@ class ExplainerModule(TrainedExplainer):
                 out.update({k: v for k, v in sharpen.items() if k != "after"})
         return out
 
-    def _class_term(self, x, s, present, index, hard_mask: float = 0.0):
-        """BCE(f(x masked by s_c), one-hot(c)) for one present class c per image (the extension); with
-        ``hard_mask``, ``s_c`` is shown hard (:func:`explainer.losses.straight_through`)."""
+    def _class_term(self, x, s, present, index):
+        """BCE(f(x masked by s_c), one-hot(c)) for one present class c per image (the extension)."""
         c = pick_present(present, index, int(self.global_step))
         has = present.any(1)
-        sc = losses.straight_through(s.gather(1, c.view(-1, 1, 1, 1).expand(-1, 1, *s.shape[-2:])), hard_mask)
+        sc = s.gather(1, c.view(-1, 1, 1, 1).expand(-1, 1, *s.shape[-2:]))
         logits = self.explanandum(self.mask(x, sc))
         onehot = F.one_hot(c, self.num_classes).float()
         if not has.any():

@@ -239,37 +239,6 @@ def test_sharpen_switches_the_objective_at_its_share_of_the_steps(tiny_voc, clf,
             ExplainerModule(**tiny_explainer_kwargs(clf, sharpen=bad))
 
 
-def test_hard_mask_shows_the_classifier_the_thresholded_mask(clf):
-    """``hard_mask``: the classification term is the loss of the image masked by ``m > t`` (recomputed plainly),
-    its gradient reaches the mask logits, and the area terms still see the soft mask."""
-    import torch.nn.functional as F
-
-    from explainer import losses
-    from explainer.explainers.explainer import check_explainer_objective, explainer_objective
-
-    model = ExplainerModule(**tiny_explainer_kwargs(clf, hard_mask=0.5))
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(2, 3, 32, 32, generator=g)
-    y = torch.zeros(2, model.num_classes)
-    y[0, 1] = y[1, 0] = y[1, 2] = 1
-    S = (torch.randn(2, model.num_classes, 32, 32, generator=g) * 3).requires_grad_()
-    settings = check_explainer_objective({"hard_mask": 0.5})
-    out = explainer_objective(model, x, y, S, settings)
-    m = torch.sigmoid(losses.masked_max(S.detach(), y > 0.5))
-    logits = model.explanandum(model.mask(x, (m > 0.5).float()))
-    assert torch.allclose(out["cls"], F.binary_cross_entropy_with_logits(logits, y), atol=1e-6)
-    soft = explainer_objective(model, x, y, S, check_explainer_objective({}))
-    assert not torch.allclose(out["cls"], soft["cls"])
-    assert torch.equal(out["area"], soft["area"]) and torch.equal(out["mask"], soft["mask"])
-    (gS,) = torch.autograd.grad(out["cls"], S)
-    assert gS.abs().sum() > 0
-    for bad in (1.0, -0.5):
-        with pytest.raises(ValueError, match="hard_mask"):
-            ExplainerModule(**tiny_explainer_kwargs(clf, hard_mask=bad))
-    with pytest.raises(ValueError, match="hard_mask"):
-        ExplainerModule(**tiny_explainer_kwargs(clf, sharpen={"after": 0.5, "hard_mask": 1.5}))
-
-
 def test_config_errors(tmp_path):
     from explainer.pipelines.train import train_cli
 
