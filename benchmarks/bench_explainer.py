@@ -113,6 +113,24 @@ def main() -> None:
                callbacks=[timer]).fit(model, dm_train)
     busy = timer.step + timer.wait
 
+    # the surround fill of the training's inverse term (forward and backward, a training batch): its blurs as
+    # matrix products (the implementation) against the depthwise separable convolutions it replaced
+    import explainer.core.masking as masking
+
+    xs = torch.rand(16, 3, *x.shape[-2:])
+    keep = torch.rand(16, 1, *x.shape[-2:], requires_grad=True)
+
+    def fill():
+        masking.surround_fill(xs, keep).sum().backward()
+
+    t_fill = _time(fill, a.repeats)
+    matrix = masking.matrix_blur
+    masking.matrix_blur = masking.separable_blur
+    try:
+        t_fill_conv = _time(fill, a.repeats)
+    finally:
+        masking.matrix_blur = matrix
+
     B, C = x.shape[0], f.num_classes
     print(f"\n| measure (batch {B}, {tuple(x.shape[-2:])} px, {torch.get_num_threads()} threads) | value |")
     print("|---|---|")
@@ -125,6 +143,8 @@ def main() -> None:
     print(f"| ratio Grad-CAM(all) / explain(all) | {t_gradcam_all / t_explain:.2f} |")
     print(f"| training images/s (batch 16) | {timer.n / max(timer.step, 1e-9):.1f} |")
     print(f"| share of step time waiting for data | {timer.wait / max(busy, 1e-9):.1%} |")
+    print(f"| surround fill, batch 16, forward + backward, s: matrix products / separable convolutions | "
+          f"{t_fill:.4f} / {t_fill_conv:.4f} ({t_fill_conv / t_fill:.1f}x) |")
 
 
 if __name__ == "__main__":

@@ -158,6 +158,6 @@ def surround_fill(x: torch.Tensor, keep: torch.Tensor, sigmas: Sequence[float] =
     both = torch.cat([x * keep, keep.expand(-1, 1, -1, -1)], 1)
     acc = both.mean((2, 3), keepdim=True)
     for s in sigmas:
-        acc = acc + separable_blur(both, s)
+        acc = acc + matrix_blur(both, s)  # separable_blur's result as two matrix products: faster on the CPU
     fill = acc[:, :-1] / (acc[:, -1:] + eps)
     return keep * x + (1 - keep) * fill
