@@ -12,14 +12,15 @@ import explainer
 
 ROOT = Path(__file__).resolve().parents[2] / "checkpoints"
 EXPLAINERS = {"synthetic_explainer.safetensors": "explainer", "synthetic_ltx.safetensors": "ltx",
-              "synthetic_faithful.safetensors": "distill"}
+              "synthetic_faithful.safetensors": "distill", "synthetic_faithful_stage1.safetensors": "distill"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPLAINERS))
 def test_committed_explainers_load_with_their_weights(name):
     path = ROOT / name
-    if name == "synthetic_faithful.safetensors" and not path.is_file():
-        pytest.fail("checkpoints/synthetic_faithful.safetensors is missing (configs/synthetic/distill_ensemble.yaml)")
+    if name.startswith("synthetic_faithful") and not path.is_file():
+        pytest.fail(f"checkpoints/{name} is missing (configs/synthetic/distill_ensemble.yaml, then "
+                    "distill_faithful_sharp.yaml)")
     e = explainer.load(path)
     assert e.kind == EXPLAINERS[name]
     stored = load_file(str(path))

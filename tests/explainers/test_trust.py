@@ -202,8 +202,8 @@ def test_gradcam_maps_match_the_method_per_mask(model, batch):
     assert torch.equal(probs, model.class_probabilities(batch))
     assert torch.allclose(gradcam_maps(model.explanandum, batch, rows, cls, kept=kept), ref, atol=1e-5)
     # explanation(trust=True) of a trust model with gradcam uses it: the trust of trust_signals' own passes (the
-    # committed faithful explainer's model has gradcam; the Explainer's may not)
-    fm = explainer.load("checkpoints/synthetic_faithful.safetensors")
+    # committed Explainer's model has gradcam; the faithful explainer's does not)
+    fm = explainer.load("checkpoints/synthetic_explainer.safetensors")
     assert "gradcam" in fm.trust_model.features
     r = fm.explanation(batch, top_k=2, trust=True)
     chosen = list(r.classes)
