@@ -177,14 +177,13 @@ class ExplainerModule(TrainedExplainer):
             raise ValueError(f"inverse_fill: expected one of {INVERSE_FILLS}, got {inverse_fill!r}")
         if not 0 <= area_min <= area_max <= 1:
             raise ValueError(f"area_min/area_max: expected 0 <= area_min <= area_max <= 1, got {area_min}, {area_max}")
-        if not (tail_logit > 0 and lambda_tail >= 0):
-            raise ValueError(f"lambda_tail/tail_logit: expected lambda_tail >= 0 and tail_logit > 0, got "
-                             f"{lambda_tail}, {tail_logit}")
         super().__init__(explanandum, explanandum_fingerprint, baseline=baseline, lr=lr, weight_decay=weight_decay,
                          optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                          channels_last=channels_last)
         self.save_settings()
-        check_sharpen(sharpen, self.objective_settings())  # over the module's own settings (no run yet)
+        # the module's objective settings (weights >= 0, tail_logit > 0, bounds), and sharpen's over them (no run
+        # yet: objective_settings() is the module's own)
+        check_sharpen(sharpen, check_explainer_objective(self.objective_settings()))
         if "auto" in (architecture, encoder):
             auto_arch, auto_enc = paper_network(self.explanandum)
             architecture = auto_arch if architecture == "auto" else architecture

@@ -203,14 +203,14 @@ def test_gradcam_maps_match_the_method_per_mask(model, batch):
     assert torch.allclose(gradcam_maps(model.explanandum, batch, rows, cls, kept=kept), ref, atol=1e-5)
     # explanation(trust=True) of a trust model with gradcam uses it: the trust of trust_signals' own passes (the
     # committed Explainer's model has gradcam; the faithful explainer's does not)
-    fm = explainer.load("checkpoints/synthetic_explainer.safetensors")
-    assert "gradcam" in fm.trust_model.features
-    r = fm.explanation(batch, top_k=2, trust=True)
+    e = explainer.load("checkpoints/synthetic_explainer.safetensors")
+    assert "gradcam" in e.trust_model.features
+    r = e.explanation(batch, top_k=2, trust=True)
     chosen = list(r.classes)
-    sig = trust_signals(fm, batch, chosen, fm.selected_masks(batch, chosen), fm.class_probabilities(batch),
-                        fm.trust_model.features)
-    assert torch.allclose(r.trust.flatten(), fm.trust_model.score(sig).float(), atol=1e-5)
-    assert torch.equal(r.probabilities, fm.explanation(batch, top_k=2).probabilities)
+    sig = trust_signals(e, batch, chosen, e.selected_masks(batch, chosen), e.class_probabilities(batch),
+                        e.trust_model.features)
+    assert torch.allclose(r.trust.flatten(), e.trust_model.score(sig).float(), atol=1e-5)
+    assert torch.equal(r.probabilities, e.explanation(batch, top_k=2).probabilities)
 
 
 def test_select_features_within_a_cost_budget():
