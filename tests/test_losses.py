@@ -27,6 +27,19 @@ def test_area_loss_matches_plain_loop():
         total += per_image
     expected = total / 3
     assert math.isclose(losses.area_loss(s, select, a_min, a_max).item(), expected, rel_tol=1e-5)
+    # the gradient is the plain loss's: -1 on the top a_min pixels below 1, +1 on every pixel ranked past a_max
+    s.requires_grad_(True)
+    losses.area_loss(s, select, a_min, a_max).backward()
+    n = 70
+    rank = s.detach().flatten(2).argsort(2, descending=True).argsort(2).view_as(s)
+    expect = ((rank >= round(a_max * n)).double() - (rank < round(a_min * n)).double()) / (n * 3)
+    expect = expect * select[:, :, None, None]
+    torch.testing.assert_close(s.grad.double(), expect, atol=1e-7, rtol=0)
+    for a_min, a_max in ((0.0, 0.0), (0.0, 1.0), (1.0, 1.0)):  # the bounds' edge cases, same plain sum
+        v = s.detach().flatten(2)[select].sort(1, descending=True).values
+        k1, k2 = round(a_min * n), round(a_max * n)
+        plain = ((1 - v[:, :k1]).clamp(min=0).sum() + v[:, k2:].clamp(min=0).sum()) / n / 3
+        assert math.isclose(losses.area_loss(s.detach(), select, a_min, a_max).item(), plain.item(), abs_tol=1e-6)
 
 
 def test_total_variation_matches_plain_loop():

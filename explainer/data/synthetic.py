@@ -79,7 +79,7 @@ def _annotation_xml(stem: str, size: int, objects: list[dict]) -> bytes:
 
 def generate(root: str | os.PathLike, num_images: int | dict[str, int], seed: int = 0,
              image_size: int = 128, spurious_class: str | None = None,
-             spurious_p: float = 0.9, *, overwrite: bool = False) -> Path:
+             spurious_p: float = 0.9, *, overwrite: bool = False, workers: int | None = None) -> Path:
     """Write the synthetic benchmark as a VOC-2007 tree at ``root``, or reuse the one there.
 
     The tree's manifest, ``root/synthetic.json``, records the settings, the
@@ -107,6 +107,9 @@ def generate(root: str | os.PathLike, num_images: int | dict[str, int], seed: in
             whose manifest lists missing files): only the files and folders
             its manifest lists are deleted; files put there by others stay
             (and a new file that would land on one of them is refused).
+        workers: processes that render the images (None: one per CPU, at
+            most 8, and one for fewer than 200 images); the files are the
+            same whatever the number.
 
     Returns:
         The root path.
@@ -133,6 +136,7 @@ def generate(root: str | os.PathLike, num_images: int | dict[str, int], seed: in
         raise ValueError(f"spurious_class: expected one of {CLASSES}, got {spurious_class!r}")
     if not 0.0 <= spurious_p <= 1.0:
         raise ValueError(f"spurious_p: expected a probability in [0, 1], got {spurious_p}")
+    workers = _workers(workers, sum(counts.values()))
 
     want = tree_settings(counts, seed, image_size, spurious_class, spurious_p)
     old = read_manifest(root)  # None: absent or empty; raises for a foreign folder
@@ -151,7 +155,7 @@ def generate(root: str | os.PathLike, num_images: int | dict[str, int], seed: in
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        _write_tree(tmp, counts, seed, image_size, spurious_class, spurious_p)
+        _write_tree(tmp, counts, seed, image_size, spurious_class, spurious_p, workers)
         if old is None:
             try:
                 os.replace(tmp, root)  # root absent or an empty folder
@@ -166,6 +170,14 @@ def generate(root: str | os.PathLike, num_images: int | dict[str, int], seed: in
         shutil.rmtree(tmp, ignore_errors=True)  # the temporary sibling is ours alone
         raise
     return root
+
+
+def _workers(workers: int | None, n: int) -> int:
+    if workers is None:
+        return 1 if n < 200 else max(1, min(8, os.cpu_count() or 1))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: expected a positive int (or None: one per CPU), got {workers!r}")
+    return workers
 
 
 VERSION = 1  # bump when the same settings would give other files; manifests without a version are version 1
@@ -275,45 +287,68 @@ def _replace_tree(root: Path, old: dict, tmp: Path) -> None:
     shutil.rmtree(tmp)
 
 
-def _write_tree(root: Path, counts, seed, image_size, spurious_class, spurious_p):
+def _write_image(root: Path, split_i: int, split: str, i: int, seed: int, image_size: int,
+                 sp_idx: int | None, spurious_p: float) -> tuple[str, set[str], set[str], bool]:
+    """Render and write image ``i`` of ``split`` (its own random stream: any split count change leaves the other
+    splits' images as they were); returns (stem, classes present, classes only difficult, grid background)."""
+    rng = np.random.default_rng([seed, split_i, i])
+    stem = f"{split_i}{i:06d}"
+    spurious_bg = False
+    classes_wanted = None
+    if sp_idx is not None:
+        k = int(rng.integers(1, 5))
+        classes_wanted = [int(rng.integers(len(CLASSES))) for _ in range(k)]
+        if split == "train":
+            spurious_bg = sp_idx in classes_wanted and rng.random() < spurious_p
+        else:
+            spurious_bg = rng.random() < spurious_p * 0.5
+    rgb, cls_map, obj_map, objs = render(rng, image_size, spurious_bg, classes_wanted)
+    Image.fromarray(rgb).save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
+    pal = voc_palette()
+    for arr, sub in ((cls_map, "SegmentationClass"), (obj_map, "SegmentationObject")):
+        p = Image.fromarray(arr, mode="P")
+        p.putpalette(pal)
+        p.save(root / sub / f"{stem}.png")
+    (root / "Annotations" / f"{stem}.xml").write_bytes(_annotation_xml(stem, image_size, objs))
+    return (stem, {o["name"] for o in objs if o["visible"] >= 0.6}, {o["name"] for o in objs if o["visible"] < 0.6},
+            spurious_bg)
+
+
+def _write_images(jobs: list[tuple], workers: int) -> list[tuple[str, set[str], set[str], bool]]:
+    """:func:`_write_image` over ``jobs`` in ``workers`` forked processes (one when 1, or where fork is not
+    available); the files do not depend on the number of workers."""
+    import multiprocessing as mp
+
+    if workers > 1 and len(jobs) > 1 and "fork" in mp.get_all_start_methods():
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            return list(pool.map(_write_image_job, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+    return [_write_image(*job) for job in jobs]
+
+
+def _write_image_job(job: tuple) -> tuple[str, set[str], set[str], bool]:
+    return _write_image(*job)
+
+
+def _write_tree(root: Path, counts, seed, image_size, spurious_class, spurious_p, workers: int = 1):
     for d in ("JPEGImages", "SegmentationClass", "SegmentationObject", "Annotations",
               "ImageSets/Main", "ImageSets/Segmentation"):
         (root / d).mkdir(parents=True, exist_ok=True)
-    pal = voc_palette()
     ids: dict[str, list[str]] = {k: [] for k in SPLITS}
     present: dict[str, list[set[str]]] = {k: [] for k in SPLITS}
     difficult_only: dict[str, list[set[str]]] = {k: [] for k in SPLITS}
     sp_idx = CLASSES.index(spurious_class) if spurious_class else None
     grid_bg: dict[str, list[str]] = {k: [] for k in SPLITS}
-    n = 0
-    for split_i, split in enumerate(SPLITS):
-        # one independent stream per split and image: any split count change
-        # leaves the other splits' images as they were
-        for i in range(counts[split]):
-            rng = np.random.default_rng([seed, split_i, i])
-            stem = f"{split_i}{i:06d}"
-            spurious_bg = False
-            classes_wanted = None
-            if sp_idx is not None:
-                k = int(rng.integers(1, 5))
-                classes_wanted = [int(rng.integers(len(CLASSES))) for _ in range(k)]
-                if split == "train":
-                    spurious_bg = sp_idx in classes_wanted and rng.random() < spurious_p
-                else:
-                    spurious_bg = rng.random() < spurious_p * 0.5
-            rgb, cls_map, obj_map, objs = render(rng, image_size, spurious_bg, classes_wanted)
-            if spurious_bg:
-                grid_bg[split].append(stem)
-            Image.fromarray(rgb).save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
-            for arr, sub in ((cls_map, "SegmentationClass"), (obj_map, "SegmentationObject")):
-                p = Image.fromarray(arr, mode="P")
-                p.putpalette(pal)
-                p.save(root / sub / f"{stem}.png")
-            (root / "Annotations" / f"{stem}.xml").write_bytes(_annotation_xml(stem, image_size, objs))
-            ids[split].append(stem)
-            present[split].append({o["name"] for o in objs if o["visible"] >= 0.6})
-            difficult_only[split].append({o["name"] for o in objs if o["visible"] < 0.6})
-            n += 1
+    jobs = [(root, split_i, split, i, seed, image_size, sp_idx, spurious_p)
+            for split_i, split in enumerate(SPLITS) for i in range(counts[split])]
+    for job, (stem, pres, diff, grid) in zip(jobs, _write_images(jobs, workers)):
+        split = job[2]
+        if grid:
+            grid_bg[split].append(stem)
+        ids[split].append(stem)
+        present[split].append(pres)
+        difficult_only[split].append(diff)
     main = root / "ImageSets" / "Main"
     seg = root / "ImageSets" / "Segmentation"
     for split in SPLITS:

@@ -28,9 +28,19 @@ def erase_objects(x: torch.Tensor, mask: torch.Tensor, dilate: int = 3, iters: i
     denom = keep.sum((2, 3), keepdim=True).clamp(min=1)
     mean_bg = (x * keep).sum((2, 3), keepdim=True) / denom
     y = x * keep + mean_bg * obj
+    # the 5 x 5 mean over the pixels inside the image (avg_pool2d with count_include_pad=False) as two matrix
+    # products: the clipped window is a rectangle, so its mean is a mean of row means (2x faster on the CPU)
+    bh, bw = _box_matrix(x.shape[-2], 2, x), _box_matrix(x.shape[-1], 2, x)
     for _ in range(iters):
-        y = x * keep + F.avg_pool2d(y, 5, stride=1, padding=2, count_include_pad=False) * obj
+        y = x * keep + (bh @ y @ bw.T) * obj
     return y.clamp(0, 1)
+
+
+def _box_matrix(n: int, r: int, like: torch.Tensor) -> torch.Tensor:
+    """(n, n): row ``i`` averages the pixels ``j`` with ``|i - j| <= r`` inside ``[0, n)``."""
+    i = torch.arange(n, device=like.device)
+    band = ((i[:, None] - i[None, :]).abs() <= r).to(like.dtype)
+    return band / band.sum(1, keepdim=True)
 
 
 @torch.no_grad()

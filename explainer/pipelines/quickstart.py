@@ -36,6 +36,7 @@ OUT = Path("outputs/quickstart")
 
 def _classifier_report(dm, clf_path: str, out: Path) -> dict:
     f = load_explanandum(clf_path)
+    f.model.to(memory_format=torch.channels_last)  # oneDNN's faster layout on the CPU (same logits up to rounding)
     loader = torch.utils.data.DataLoader(dm.dataset("test"), batch_size=64, num_workers=0)
     rep = evaluate_classifier(f, loader)
     (out / "classifier.json").write_text(json.dumps(rep, indent=1))

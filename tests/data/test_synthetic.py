@@ -28,6 +28,19 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert _digest(a) != _digest(c)
 
 
+@pytest.mark.parametrize("spurious", [None, "ring"])
+def test_parallel_writers_write_the_same_bytes(tmp_path, spurious):
+    """Images rendered in several processes: the same tree, manifest included, as one process writes."""
+    counts = {"train": 9, "val": 3, "test": 4}
+    one = synthetic.generate(tmp_path / "one", counts, seed=5, image_size=40, spurious_class=spurious, workers=1)
+    three = synthetic.generate(tmp_path / "three", counts, seed=5, image_size=40, spurious_class=spurious,
+                               workers=3)
+    assert _digest(one) == _digest(three)
+    with pytest.raises(ValueError, match="workers: expected a positive int"):
+        synthetic.generate(tmp_path / "bad", counts, workers=0)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_voc_tree_is_consistent(tiny_voc):
     root = tiny_voc
     for d in ("JPEGImages", "SegmentationClass", "SegmentationObject", "Annotations"):
