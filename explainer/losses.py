@@ -53,12 +53,12 @@ def area_loss(s: torch.Tensor, select: torch.Tensor, a_min: float = 0.05, a_max:
     B, C, H, W = s.shape
     n = H * W
     k_min, k_max = int(round(a_min * n)), int(round(a_max * n))
-    # only the selected masks, and only their top a_max * H * W pixels are ranked (topk: 4-5x cheaper than the
-    # full sort, which was 5 % of a training step); the tail beyond a_max is the rest of the mask's sum
-    flat = s.flatten(2)[select]
-    top = flat.topk(k_max, dim=1, sorted=True).values if k_max else flat[:, :0]
-    tail = F.relu(flat).sum(1) - F.relu(top).sum(1)
-    per = (F.relu(1 - top[:, :k_min]).sum(1) + tail) / n
+    # only the selected masks are sorted (about one class in five of an image here: the sort was 9 % of a step).
+    # (a topk of the a_max * H * W largest with the tail as the rest of the sum gives the same loss and gradient
+    # 4-5x faster, but rounds otherwise, and the run's trajectory changes: one quickstart run with it gave test IoU
+    # 0.421 against 0.443, one run each, a 2 % faster training; the sort that trained the committed checkpoint stays)
+    srt = s.flatten(2)[select].sort(dim=1, descending=True).values
+    per = (F.relu(1 - srt[:, :k_min]).sum(1) + F.relu(srt[:, k_max:]).sum(1)) / n
     return per.sum() / B
 
 
