@@ -211,3 +211,31 @@ def test_wrong_map_shape_names_the_method(setup, tiny_voc):
                  num_images=2)
     with pytest.raises(ValueError, match="method 'small': maps: expected attribution maps of shape"):
         E.run(cfg, progress=False)
+
+
+def test_channels_last_falls_back_for_a_model_that_cannot_take_it():
+    """A classifier whose code needs contiguous feature maps (a ``view``) keeps its own format, with a warning; a
+    plain convnet is converted and gives the same logits."""
+    from torch import nn
+
+    class Viewing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).view(x.shape[0], -1))  # view: contiguous (N, C, H, W) only
+
+    x = torch.rand(2, 3, 8, 8)
+    f = explainer.explanandum.Explanandum(Viewing(), 2)
+    before = f(x)
+    with pytest.warns(UserWarning, match="channels_last: false"):
+        assert E.channels_last(f, x[:1]) is False
+    assert f.model.conv.weight.is_contiguous() and torch.equal(f(x), before)
+    g = explainer.explanandum.Explanandum(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                                                        nn.Flatten(), nn.Linear(4, 2)), 2)
+    plain = g(x)
+    assert E.channels_last(g, x[:1]) is True
+    assert g.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(g(x), plain, atol=1e-5, rtol=0)
