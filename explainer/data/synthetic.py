@@ -107,9 +107,10 @@ def generate(root: str | os.PathLike, num_images: int | dict[str, int], seed: in
             whose manifest lists missing files): only the files and folders
             its manifest lists are deleted; files put there by others stay
             (and a new file that would land on one of them is refused).
-        workers: processes that render the images (None: one per CPU, at
-            most 8, and one for fewer than 200 images); the files are the
-            same whatever the number.
+        workers: processes that render the images on Linux (None: one per
+            CPU, at most 8, and one for fewer than 200 images; other systems
+            render in this process); the files are the same whatever the
+            number.
 
     Returns:
         The root path.
@@ -315,11 +316,12 @@ def _write_image(root: Path, split_i: int, split: str, i: int, seed: int, image_
 
 
 def _write_images(jobs: list[tuple], workers: int) -> list[tuple[str, set[str], set[str], bool]]:
-    """:func:`_write_image` over ``jobs`` in ``workers`` forked processes (one when 1, or where fork is not
-    available); the files do not depend on the number of workers."""
+    """:func:`_write_image` over ``jobs`` in ``workers`` forked processes (Linux; elsewhere, where forking a process
+    that has loaded torch is not safe, in this one); the files do not depend on the number of workers."""
     import multiprocessing as mp
+    import sys
 
-    if workers > 1 and len(jobs) > 1 and "fork" in mp.get_all_start_methods():
+    if workers > 1 and len(jobs) > 1 and sys.platform.startswith("linux"):
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:

@@ -146,6 +146,7 @@ def test_refinement_curve_ends_are_the_one_pass_and_the_refined_masks(tiny, tiny
     assert entry["trust"]["threshold"] == chosen and entry["refinement_thresholds"] == {"miou": "mean", "iou": chosen}
 
     e = explainer.load(ck)
+    e.explanandum.model.to(memory_format=torch.channels_last)  # as evaluate runs it (config channels_last: true)
     x, idx, t, gt = evaluated(cfg, e.explanandum)
     f = e.explanandum
 
