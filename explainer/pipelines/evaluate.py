@@ -248,6 +248,11 @@ def channels_last(f, probe: torch.Tensor) -> bool:
             f(probe)
     except RuntimeError as err:
         f.model.to(memory_format=torch.contiguous_format)
+        try:
+            with torch.no_grad():
+                f(probe)
+        except RuntimeError:  # not the layout: the evaluation itself raises it, with its own message
+            return False
         warnings.warn(f"evaluate: the explanandum fails in channels-last format ({str(err).splitlines()[0]}); it "
                       "runs in its own format (set channels_last: false to skip this check)", stacklevel=2)
         return False

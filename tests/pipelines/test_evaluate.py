@@ -239,3 +239,10 @@ def test_channels_last_falls_back_for_a_model_that_cannot_take_it():
     assert E.channels_last(g, x[:1]) is True
     assert g.model[0].weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(g(x), plain, atol=1e-5, rtol=0)
+    # a probe that fails in both formats (not the layout): no warning, the model as it was; the evaluation raises
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert E.channels_last(f, torch.rand(1, 3, 5, 5)) is False
+    assert f.model.conv.weight.is_contiguous()
