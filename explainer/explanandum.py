@@ -22,6 +22,7 @@ import inspect
 import json
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
@@ -99,6 +100,27 @@ class Explanandum(nn.Module):
         mean = self.mean.to(dtype=x.dtype)
         std = self.std.to(dtype=x.dtype)
         return self.model((x - mean) / std)
+
+    def try_channels_last(self, probe: torch.Tensor) -> bool:
+        """Run the model in channels-last memory format (oneDNN's faster layout for convnets on the CPU), unless its
+        code cannot take it (a ``view`` of a feature map, say: checked on ``probe``, one image): then it stays as it
+        was, with a warning that names the ``channels_last: false`` setting. A probe that fails in the model's own
+        format too is left to the caller's own run (no warning). True when converted."""
+        self.model.to(memory_format=torch.channels_last)
+        try:
+            with torch.no_grad():
+                self(probe)
+        except RuntimeError as err:
+            self.model.to(memory_format=torch.contiguous_format)
+            try:
+                with torch.no_grad():
+                    self(probe)
+            except RuntimeError:  # not the layout: the caller's run raises it, with its own message
+                return False
+            warnings.warn(f"explanandum: the model fails in channels-last format ({str(err).splitlines()[0]}); it "
+                          "runs in its own format (set channels_last: false to skip this check)", stacklevel=2)
+            return False
+        return True
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Sigmoid of the logits for a multi-label model, softmax otherwise."""

@@ -325,12 +325,8 @@ def _write_images(jobs: list[tuple], workers: int) -> list[tuple[str, set[str], 
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            return list(pool.map(_write_image_job, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+            return list(pool.map(_write_image, *zip(*jobs), chunksize=max(1, len(jobs) // (8 * workers))))
     return [_write_image(*job) for job in jobs]
-
-
-def _write_image_job(job: tuple) -> tuple[str, set[str], set[str], bool]:
-    return _write_image(*job)
 
 
 def _write_tree(root: Path, counts, seed, image_size, spurious_class, spurious_p, workers: int = 1):

@@ -238,27 +238,6 @@ def validation_pairs(f, method, dm, cfg: dict, device: torch.device, note: dict)
     return out
 
 
-def channels_last(f, probe: torch.Tensor) -> bool:
-    """Run the explanandum's model in channels-last memory format (oneDNN's faster layout for convnets on the CPU),
-    unless its code cannot take it (a ``view`` of a feature map, say: checked on ``probe``, one image): then it stays
-    as it was, with a warning that names the ``channels_last: false`` setting. True when converted."""
-    f.model.to(memory_format=torch.channels_last)
-    try:
-        with torch.no_grad():
-            f(probe)
-    except RuntimeError as err:
-        f.model.to(memory_format=torch.contiguous_format)
-        try:
-            with torch.no_grad():
-                f(probe)
-        except RuntimeError:  # not the layout: the evaluation itself raises it, with its own message
-            return False
-        warnings.warn(f"evaluate: the explanandum fails in channels-last format ({str(err).splitlines()[0]}); it "
-                      "runs in its own format (set channels_last: false to skip this check)", stacklevel=2)
-        return False
-    return True
-
-
 def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate every method; returns ``(results, figure)`` (results as written to results.json)."""
     from tqdm.auto import tqdm
@@ -269,7 +248,7 @@ def run(cfg: dict[str, Any], progress: bool = True) -> tuple[dict[str, Any], dic
     f = build_explanandum(cfg["explanandum"]).to(device)
     dm, ds = build_dataset(cfg["data"], cfg["split"], cfg["num_images"], cfg["seed"])
     if cfg["channels_last"] and len(ds):
-        channels_last(f, ds[0]["image"][None].to(device))
+        f.try_channels_last(ds[0]["image"][None].to(device))
     n_classes = getattr(dm, "num_classes", None)
     if n_classes is not None and n_classes != f.num_classes:
         raise ValueError(f"config: the explanandum predicts {f.num_classes} classes but the data has {n_classes}")

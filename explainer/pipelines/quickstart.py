@@ -28,7 +28,6 @@ from explainer.explainers.loading import load
 from explainer.explanandum import load_explanandum
 from explainer.pipelines.args import parse
 from explainer.pipelines.classifier_eval import evaluate_classifier
-from explainer.pipelines.evaluate import channels_last
 from explainer.pipelines.evaluate import main as evaluate_main
 from explainer.pipelines.train import train_cli
 
@@ -38,7 +37,7 @@ OUT = Path("outputs/quickstart")
 def _classifier_report(dm, clf_path: str, out: Path) -> dict:
     f = load_explanandum(clf_path)
     ds = dm.dataset("test")
-    channels_last(f, ds[0]["image"][None])  # oneDNN's faster layout on the CPU, where the model can take it
+    f.try_channels_last(ds[0]["image"][None])  # oneDNN's faster layout on the CPU, where the model can take it
     loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=0)
     rep = evaluate_classifier(f, loader)
     (out / "classifier.json").write_text(json.dumps(rep, indent=1))

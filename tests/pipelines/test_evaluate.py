@@ -231,12 +231,12 @@ def test_channels_last_falls_back_for_a_model_that_cannot_take_it():
     f = explainer.explanandum.Explanandum(Viewing(), 2)
     before = f(x)
     with pytest.warns(UserWarning, match="channels_last: false"):
-        assert E.channels_last(f, x[:1]) is False
+        assert f.try_channels_last(x[:1]) is False
     assert f.model.conv.weight.is_contiguous() and torch.equal(f(x), before)
     g = explainer.explanandum.Explanandum(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1),
                                                         nn.Flatten(), nn.Linear(4, 2)), 2)
     plain = g(x)
-    assert E.channels_last(g, x[:1]) is True
+    assert g.try_channels_last(x[:1]) is True
     assert g.model[0].weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(g(x), plain, atol=1e-5, rtol=0)
     # a probe that fails in both formats (not the layout): no warning, the model as it was; the evaluation raises
@@ -244,5 +244,5 @@ def test_channels_last_falls_back_for_a_model_that_cannot_take_it():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert E.channels_last(f, torch.rand(1, 3, 5, 5)) is False
+        assert f.try_channels_last(torch.rand(1, 3, 5, 5)) is False
     assert f.model.conv.weight.is_contiguous()
