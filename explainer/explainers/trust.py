@@ -17,7 +17,11 @@ probability that the mask is good, from signals that need only the classifier ``
 ``confusion`` the largest soft IoU of the mask with the masks of the :data:`CONFUSION_CLASSES` most probable
               other classes (a mask drawn on another class's object overlaps that class's mask);
 ``gradcam``   the soft IoU of the mask with the class's Grad-CAM map (min-max normalised): agreement with a
-              cheap second explanation that comes from the classifier's gradients, not from the explainer.
+              cheap second explanation that comes from the classifier's gradients, not from the explainer;
+``depth``     how deep the mask's peak lies inside its core: the peak's distance to the core's edge (the image's
+              border counts as edge) over the largest such distance in the core (a peak at the rim of its own
+              core is a peak beside the shape it drew);
+``top2``      the share of the mask's mass in its top 2 % of pixels (a mass piled on a few pixels).
 
 The fill is a Gaussian blur (sigma :data:`TRUST_BLUR_SIGMA`, reflect padding, computed once per image), which no
 trained kind of this project trains with, so the explainer cannot have learnt to please it. A :class:`TrustModel`
@@ -47,8 +51,10 @@ from explainer.core.maps import upsample
 from explainer.core.masking import apply_mask, matrix_blur
 
 TRUST_BLUR_SIGMA = 10.0
-FEATURES = ("keep", "remove", "other", "prob", "flip", "area", "peak", "crisp", "core", "confusion", "gradcam")
+FEATURES = ("keep", "remove", "other", "prob", "flip", "area", "peak", "crisp", "core", "confusion", "gradcam",
+            "depth", "top2")
 CONFUSION_CLASSES = 3  # the most probable other classes whose masks ``confusion`` compares with
+TOP_SHARE = 0.02  # ``top2``: the share of the pixels whose mass it measures
 # What each signal adds to the cost of ``explanation(top_k=2, trust=True)``, in units of the cost of
 # ``explanation(top_k=2)`` itself (benchmarks/bench_trust.py, 32 images of the embedded benchmark, 2-core CPU):
 # the kept and removed images' classifier passes and the blur (every signal not listed) cost about 1.25 of it
@@ -56,7 +62,8 @@ CONFUSION_CLASSES = 3  # the most probable other classes whose masks ``confusion
 # ``explanation()`` its probabilities, :func:`cam_pass`; on its own it adds about 0.4), ``core`` a third
 # classifier pass per mask, ``flip`` and ``confusion`` an explainer pass each. Rough: the spread between runs
 # on a busy CPU is about 0.1.
-FEATURE_COST = {"gradcam": 0.15, "core": 0.55, "flip": 0.65, "confusion": 0.7}
+# ``depth`` a distance transform per mask on the CPU (0.7 ms for a 128 x 128 mask).
+FEATURE_COST = {"gradcam": 0.15, "core": 0.55, "flip": 0.65, "confusion": 0.7, "depth": 0.3}
 _EPS = 1e-4
 CL = torch.channels_last  # the classifier's passes take channels-last inputs: about 1.5x faster with oneDNN
 
@@ -195,6 +202,10 @@ def trust_signals(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], 
     signals["area"] = flat.flatten(1).mean(1)
     signals["peak"] = flat.flatten(1).max(1).values if len(rows) else torch.zeros(0)
     signals["crisp"] = (2 * flat - 1).abs().flatten(1).mean(1)
+    if "depth" in need:
+        signals["depth"] = peak_depth(flat)
+    if "top2" in need:
+        signals["top2"] = top_share(flat, TOP_SHARE)
     if "gradcam" in need:
         signals["gradcam"] = _gradcam_agreement(explainer, x, rows, cls, flat, batch_size, cam)
     if "confusion" in need:
@@ -204,6 +215,33 @@ def trust_signals(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], 
         back = torch.cat([mk.flip(-1).to(device) for mk in mirrored]).float().cpu() if mirrored else flat
         signals["flip"] = _soft_iou(flat, back)
     return signals
+
+
+def peak_depth(masks: torch.Tensor) -> torch.Tensor:
+    """``depth`` of each mask (P, H, W): the Euclidean distance from its peak (the first maximum in row-major order)
+    to the nearest pixel outside its core (``m <= max / 2``; outside the image counts as outside the core), over
+    the largest such distance of a core pixel; 0 for an empty mask. (P,) float."""
+    from scipy.ndimage import distance_transform_edt
+
+    out = torch.zeros(len(masks))
+    for i, m in enumerate(masks.float()):
+        top = float(m.max()) if m.numel() else 0.0
+        if top <= 0:
+            continue
+        core = torch.nn.functional.pad((m > 0.5 * top).to(torch.uint8), (1, 1, 1, 1)).numpy()
+        d = torch.from_numpy(distance_transform_edt(core))[1:-1, 1:-1]
+        out[i] = d.flatten()[int(m.flatten().argmax())] / d.max()
+    return out
+
+
+def top_share(masks: torch.Tensor, share: float) -> torch.Tensor:
+    """The share of each mask's mass (P, H, W) in its top ``share`` of pixels (at least one); 0 for an empty
+    mask. (P,) float."""
+    flat = masks.float().flatten(1)
+    if not len(flat):
+        return torch.zeros(0)
+    k = max(1, math.ceil(share * flat.shape[1]))
+    return flat.topk(k, 1).values.sum(1) / flat.sum(1).clamp(min=1e-12)
 
 
 def _gradcam_agreement(explainer: Any, x: torch.Tensor, rows: torch.Tensor, cls: torch.Tensor, flat: torch.Tensor,

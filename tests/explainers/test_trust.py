@@ -7,13 +7,15 @@
 * the logistic fit against scikit-learn's LogisticRegression with the same penalty (a peer);
 * ``explanation(trust=True)`` gives the signals and trust of each mask shaped as its classes, for batches and
   for lists of images of different sizes; the fitted model travels in the safetensors export;
-* ``peak_off_object`` and ``bad_masks`` against a plain loop over pixels;
+* ``peak_off_object`` and ``bad_masks`` against a plain loop over pixels; ``depth`` and ``top2`` against
+  brute force and on shapes whose values are known;
 * the ``trust`` verb fits, writes a new file and never touches the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,9 @@ from explainer.explainers.trust import (
     fit_trust_model,
     gradcam_maps,
     mask_rows,
+    peak_depth,
     select_features,
+    top_share,
     trust_auroc,
     trust_signals,
 )
@@ -88,8 +92,33 @@ def plain_signals(model, x, classes):
                          "prob": float(p[c]), "flip": soft_iou(m, mirror), "area": float(m.mean()),
                          "peak": float(m.max()), "crisp": float((2 * m - 1).abs().mean()),
                          "core": float(cored[c]), "confusion": max(soft_iou(m[0, 0], every[k]) for k in rivals),
-                         "gradcam": soft_iou(m[0], g[0])})
+                         "gradcam": soft_iou(m[0], g[0]), "depth": plain_depth(m[0, 0]),
+                         "top2": plain_top_share(m[0, 0], 0.02)})
     return rows
+
+
+def plain_depth(m):
+    """The peak's distance to the nearest pixel outside the core (a ring of outside pixels around the image),
+    over the largest such distance of a core pixel, by brute force over every pair of pixels."""
+    if float(m.max()) <= 0:
+        return 0.0
+    H, W = m.shape
+    core = torch.zeros(H + 2, W + 2, dtype=torch.bool)
+    core[1:-1, 1:-1] = m > 0.5 * m.max()
+    yy, xx = torch.meshgrid(torch.arange(H + 2.0), torch.arange(W + 2.0), indexing="ij")
+    inside = torch.stack([yy[core], xx[core]], 1)
+    outside = torch.stack([yy[~core], xx[~core]], 1)
+    dist = torch.cdist(inside.double(), outside.double()).min(1).values
+    k = int(m.flatten().argmax())
+    peak = torch.tensor([k // W + 1.0, k % W + 1.0], dtype=torch.float64)
+    here = [i for i in range(len(inside)) if torch.equal(inside[i].double(), peak)]
+    return float(dist[here[0]] / dist.max())
+
+
+def plain_top_share(m, share):
+    v = sorted(m.flatten().tolist(), reverse=True)
+    k = max(1, math.ceil(share * len(v)))
+    return sum(v[:k]) / sum(v)
 
 
 def test_signals_match_a_plain_loop(model, batch):
@@ -342,3 +371,18 @@ def test_refine_replaces_the_least_trusted_masks(model, batch):
     assert torch.equal(r.trust.flatten()[keep], flat_trust[keep])
     assert not torch.allclose(got[pick], base.masks.flatten(0, 1)[pick], atol=1e-3)  # refinement changed them
     assert model.explanation(batch, top_k=1, refine=1.0).refined.all()
+
+
+def test_depth_and_top_share_of_known_shapes():
+    m = torch.zeros(3, 20, 20)
+    m[:, 5:14, 5:14] = 0.8  # a 9 x 9 core: its centre lies 5 pixels from the nearest outside pixel
+    m[0, 9, 9] = 1.0  # peak at the centre
+    m[1, 5, 5] = 1.0  # peak at a corner: 1 pixel from outside
+    m[2] = 0  # empty
+    d = peak_depth(m)
+    assert torch.allclose(d, torch.tensor([1.0, 0.2, 0.0]))
+    edge = torch.zeros(1, 20, 20)
+    edge[0, :4, :4] = 1.0  # the image's border counts as the core's edge
+    assert float(peak_depth(edge)[0]) == pytest.approx(0.5)  # first maximum (0, 0): 1 from the border, 2 at best
+    t = top_share(m, 0.02)  # 8 of 400 pixels
+    assert torch.allclose(t[:2], torch.tensor([(1.0 + 7 * 0.8) / (1.0 + 80 * 0.8)] * 2)) and float(t[2]) == 0.0
