@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from xml.etree import ElementTree as ET
@@ -319,7 +320,6 @@ def _write_images(jobs: list[tuple], workers: int) -> list[tuple[str, set[str], 
     """:func:`_write_image` over ``jobs`` in ``workers`` forked processes (Linux; elsewhere, where forking a process
     that has loaded torch is not safe, in this one); the files do not depend on the number of workers."""
     import multiprocessing as mp
-    import sys
 
     if workers > 1 and len(jobs) > 1 and sys.platform.startswith("linux"):
         from concurrent.futures import ProcessPoolExecutor

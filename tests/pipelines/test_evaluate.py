@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -240,8 +241,6 @@ def test_channels_last_falls_back_for_a_model_that_cannot_take_it():
     assert g.model[0].weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(g(x), plain, atol=1e-5, rtol=0)
     # a probe that fails in both formats (not the layout): no warning, the model as it was; the evaluation raises
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert f.try_channels_last(torch.rand(1, 3, 5, 5)) is False
