@@ -21,7 +21,11 @@ probability that the mask is good, from signals that need only the classifier ``
 ``depth``     how deep the mask's peak lies inside its core: the peak's distance to the core's edge (the image's
               border counts as edge) over the largest such distance in the core (a peak at the rim of its own
               core is a peak beside the shape it drew);
-``top2``      the share of the mask's mass in its top 2 % of pixels (a mass piled on a few pixels).
+``top2``      the share of the mask's mass in its top 2 % of pixels (a mass piled on a few pixels);
+``colour``    how unlike the mask's outside the image looks at the mask's peak: with ``a`` the colour (the mean of
+              the :data:`PEAK_PATCH` x :data:`PEAK_PATCH` pixels around the peak) and ``in``, ``out`` the image's
+              mean colours weighted by ``m`` and by ``1 - m``, ``|a - out| / (|a - in| + |a - out|)`` (0.5 when
+              both are 0). A peak that looks like the mask's surroundings is a peak beside the object.
 
 The fill is a Gaussian blur (sigma :data:`TRUST_BLUR_SIGMA`, reflect padding, computed once per image), which no
 trained kind of this project trains with, so the explainer cannot have learnt to please it. A :class:`TrustModel`
@@ -52,9 +56,10 @@ from explainer.core.masking import apply_mask, matrix_blur
 
 TRUST_BLUR_SIGMA = 10.0
 FEATURES = ("keep", "remove", "other", "prob", "flip", "area", "peak", "crisp", "core", "confusion", "gradcam",
-            "depth", "top2")
+            "depth", "top2", "colour")
 CONFUSION_CLASSES = 3  # the most probable other classes whose masks ``confusion`` compares with
 TOP_SHARE = 0.02  # ``top2``: the share of the pixels whose mass it measures
+PEAK_PATCH = 3  # ``colour``: the side of the square of pixels around the peak whose mean colour it compares
 # What each signal adds to the cost of ``explanation(top_k=2, trust=True)``, in units of the cost of
 # ``explanation(top_k=2)`` itself (benchmarks/bench_trust.py, 32 images of the embedded benchmark, 2-core CPU):
 # the kept and removed images' classifier passes and the blur (every signal not listed) cost about 1.25 of it
@@ -206,6 +211,8 @@ def trust_signals(explainer: Any, x: torch.Tensor, classes: list[torch.Tensor], 
         signals["depth"] = peak_depth(flat)
     if "top2" in need:
         signals["top2"] = top_share(flat, TOP_SHARE)
+    if "colour" in need:
+        signals["colour"] = peak_colour(x, rows, m[:, 0]).cpu()
     if "gradcam" in need:
         signals["gradcam"] = _gradcam_agreement(explainer, x, rows, cls, flat, batch_size, cam)
     if "confusion" in need:
@@ -232,6 +239,26 @@ def peak_depth(masks: torch.Tensor) -> torch.Tensor:
         d = torch.from_numpy(distance_transform_edt(core))[1:-1, 1:-1]
         out[i] = d.flatten()[int(m.flatten().argmax())] / d.max()
     return out
+
+
+def peak_colour(x: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor, size: int = PEAK_PATCH) -> torch.Tensor:
+    """``colour`` (module docstring) of each mask (P, H, W) of the images ``x`` (B, 3, H, W), mask ``i`` being
+    of image ``rows[i]``: the distance of the mean colour of the ``size`` x ``size`` pixels around its peak (the
+    first maximum in row-major order; the square cut by the image's border) to the image's mean colour
+    weighted by ``1 - m``, over the sum of that distance and the one to the mean colour weighted by ``m``.
+    (P,) float."""
+    if not len(masks):
+        return torch.zeros(0)
+    x = x.float()
+    rows = rows.to(x.device)
+    m = masks.to(x.device).float().flatten(1)
+    patch = torch.nn.functional.avg_pool2d(x, size, 1, size // 2, count_include_pad=False).flatten(2)
+    at = patch[rows, :, m.argmax(1)]  # (P, 3)
+    xf = x.flatten(2)[rows]  # (P, 3, HW)
+    inside = torch.einsum("pcn,pn->pc", xf, m) / m.sum(1, keepdim=True).clamp(min=1e-12)
+    outside = torch.einsum("pcn,pn->pc", xf, 1 - m) / (1 - m).sum(1, keepdim=True).clamp(min=1e-12)
+    a, b = (at - inside).norm(dim=1), (at - outside).norm(dim=1)
+    return torch.where(a + b > 0, b / (a + b).clamp(min=1e-12), torch.full_like(a, 0.5))
 
 
 def top_share(masks: torch.Tensor, share: float) -> torch.Tensor:

@@ -70,12 +70,14 @@ class ConvexUpsampledNet(nn.Module):
         parts = torch.split(Wt, [3, g, g, g], dim=1)
         low = F.conv2d(self.stem_proj(features[1]), parts[2][..., None, None])
         up = dict(size=(H, W), mode="bilinear", align_corners=False)
-        logits = (F.conv2d(z, parts[0][..., None, None], self.weights.bias)
-                  + F.conv2d(self.image_guide(z), parts[1][..., None, None])
-                  + F.interpolate(low, **up)
-                  + F.interpolate(F.conv2d(self.decoder_proj(d), parts[3][..., None, None]), **up))
-        w = torch.softmax(logits.contiguous(), dim=1)
-        return convex_upsample(L.contiguous(), w, self.padding)
+        # summed in place: each full-resolution term is a fresh (B, 9, H, W) tensor, and allocating their sums
+        # cost more than the convolutions (docs/BENCHMARKS.md)
+        logits = F.conv2d(z, parts[0][..., None, None], self.weights.bias)
+        logits += F.conv2d(self.image_guide(z), parts[1][..., None, None])
+        logits += F.interpolate(low, **up)
+        logits += F.interpolate(F.conv2d(self.decoder_proj(d), parts[3][..., None, None]), **up)
+        w = torch.softmax(logits, dim=1)
+        return convex_upsample(L, w, self.padding)
 
 
 def convex_upsample(L: torch.Tensor, w: torch.Tensor, padding: str = "replicate") -> torch.Tensor:
@@ -93,7 +95,11 @@ def convex_upsample(L: torch.Tensor, w: torch.Tensor, padding: str = "replicate"
     check_padding(padding)
     f = H // h
     P = F.pad(L, (1, 1, 1, 1), mode="replicate") if padding == "replicate" else F.pad(L, (1, 1, 1, 1))
-    U = F.unfold(P, 3).view(B, C, 9, h, wd)
-    # fine pixel (i f + a, j f + b) of coarse parent (i, j): a (C x 9) @ (9 x f f) product per parent
-    out = torch.einsum("bckij,bkiajd->bciajd", U, w.reshape(B, 9, h, f, wd, f))
-    return out.reshape(B, C, H, W)
+    # the 3 x 3 neighbourhoods channels-last: (B, h, w, 9, C), k row-major
+    P = P.permute(0, 2, 3, 1)
+    U = torch.stack([P[:, a:a + h, b:b + wd] for a in range(3) for b in range(3)], dim=3)
+    # fine pixel (i f + a, j f + b) of coarse parent (i, j): one (f f x 9) @ (9 x C) product per parent, as a
+    # batched matrix product (one copy groups each parent's pixels)
+    wk = w.permute(0, 2, 3, 1).reshape(B, h, f, wd, f, 9).permute(0, 1, 3, 2, 4, 5).reshape(B * h * wd, f * f, 9)
+    out = torch.bmm(wk, U.reshape(B * h * wd, 9, C))
+    return out.view(B, h, wd, f, f, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)

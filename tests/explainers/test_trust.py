@@ -7,8 +7,8 @@
 * the logistic fit against scikit-learn's LogisticRegression with the same penalty (a peer);
 * ``explanation(trust=True)`` gives the signals and trust of each mask shaped as its classes, for batches and
   for lists of images of different sizes; the fitted model travels in the safetensors export;
-* ``peak_off_object`` and ``bad_masks`` against a plain loop over pixels; ``depth`` and ``top2`` against
-  brute force and on shapes whose values are known;
+* ``peak_off_object`` and ``bad_masks`` against a plain loop over pixels; ``depth``, ``top2`` and ``colour``
+  against brute force and on shapes whose values are known;
 * the ``trust`` verb fits, writes a new file and never touches the checkpoint.
 """
 
@@ -37,6 +37,7 @@ from explainer.explainers.trust import (
     fit_trust_model,
     gradcam_maps,
     mask_rows,
+    peak_colour,
     peak_depth,
     select_features,
     top_share,
@@ -93,8 +94,26 @@ def plain_signals(model, x, classes):
                          "peak": float(m.max()), "crisp": float((2 * m - 1).abs().mean()),
                          "core": float(cored[c]), "confusion": max(soft_iou(m[0, 0], every[k]) for k in rivals),
                          "gradcam": soft_iou(m[0], g[0]), "depth": plain_depth(m[0, 0]),
-                         "top2": plain_top_share(m[0, 0], 0.02)})
+                         "top2": plain_top_share(m[0, 0], 0.02), "colour": plain_colour(xi[0], m[0, 0], 3)})
     return rows
+
+
+def plain_colour(x, m, size):
+    """The peak's patch colour (the pixels of the size x size square around it that lie in the image, averaged
+    one by one) against the m- and (1 - m)-weighted mean colours, summed pixel by pixel."""
+    H, W = m.shape
+    k = int(m.flatten().argmax())
+    py, px = k // W, k % W
+    r = size // 2
+    pixels = [x[:, i, j] for i in range(py - r, py + r + 1) for j in range(px - r, px + r + 1)
+              if 0 <= i < H and 0 <= j < W]
+    a = torch.stack(pixels).double().mean(0)
+    w_in = m.double().sum()
+    w_out = (1 - m.double()).sum()
+    inside = sum(x[:, i, j].double() * float(m[i, j]) for i in range(H) for j in range(W)) / w_in
+    outside = sum(x[:, i, j].double() * float(1 - m[i, j]) for i in range(H) for j in range(W)) / w_out
+    d_in, d_out = float((a - inside).norm()), float((a - outside).norm())
+    return d_out / (d_in + d_out) if d_in + d_out > 0 else 0.5
 
 
 def plain_depth(m):
@@ -386,3 +405,28 @@ def test_depth_and_top_share_of_known_shapes():
     assert float(peak_depth(edge)[0]) == pytest.approx(0.5)  # first maximum (0, 0): 1 from the border, 2 at best
     t = top_share(m, 0.02)  # 8 of 400 pixels
     assert torch.allclose(t[:2], torch.tensor([(1.0 + 7 * 0.8) / (1.0 + 80 * 0.8)] * 2)) and float(t[2]) == 0.0
+
+
+def test_colour_of_known_images():
+    x = torch.zeros(3, 3, 20, 20)
+    x[:, 0] = 0.2  # a dark background
+    x[:, 0, 5:14, 5:14] = 0.9  # a bright square object
+    m = torch.zeros(3, 20, 20)
+    m[:, 5:14, 5:14] = 0.8
+    m[0, 9, 9] = 1.0  # peak inside the object, away from its edge: its patch is the object's colour
+    m[1, 2, 2] = 1.0  # peak on the background: its patch is the background's colour
+    m[2] = 0.5  # a flat mask over a flat image: both distances 0
+    x[2] = 0.3
+    c = peak_colour(x, torch.arange(3), m)
+    # only the red channel differs; mask 0 lies on the object alone, so its inside colour is the object's
+    outside = (0.9 * 0.2 * 80 + 0.2 * 319) / (0.2 * 80 + 319)  # 80 object pixels at 1 - 0.8, the peak at 0
+    assert float(c[0]) == pytest.approx((0.9 - outside) / (0.0 + (0.9 - outside)), abs=1e-5)  # = 1
+    inside1 = (0.9 * 0.8 * 81 + 0.2 * 1.0) / (0.8 * 81 + 1.0)  # mask 1: the object at 0.8, a background peak at 1
+    outside1 = (0.9 * 0.2 * 81 + 0.2 * 318) / (0.2 * 81 + 318)
+    assert float(c[1]) == pytest.approx((outside1 - 0.2) / ((inside1 - 0.2) + (outside1 - 0.2)), abs=1e-5)
+    assert float(c[1]) < 0.2 < 0.8 < float(c[0])  # the background peak looks like the mask's surroundings
+    assert float(c[2]) == 0.5
+    # rows pick each mask's image; an empty batch gives an empty signal
+    assert torch.allclose(peak_colour(x[:1], torch.zeros(2, dtype=torch.long), m[:2]), peak_colour(x[:2].expand(
+        2, -1, -1, -1).clone()[[0, 0]], torch.arange(2), m[:2]))
+    assert peak_colour(x, torch.zeros(0, dtype=torch.long), m[:0]).shape == (0,)
