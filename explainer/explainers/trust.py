@@ -25,7 +25,7 @@ probability that the mask is good, from signals that need only the classifier ``
 ``colour``    how unlike the mask's outside the image looks at the mask's peak: with ``a`` the colour (the mean of
               the :data:`PEAK_PATCH` x :data:`PEAK_PATCH` pixels around the peak) and ``in``, ``out`` the image's
               mean colours weighted by ``m`` and by ``1 - m``, ``|a - out| / (|a - in| + |a - out|)`` (0.5 when
-              both are 0). A peak that looks like the mask's surroundings is a peak beside the object.
+              both are 0, or when the mask is empty or covers everything). A peak that looks like the mask's surroundings is a peak beside the object.
 
 The fill is a Gaussian blur (sigma :data:`TRUST_BLUR_SIGMA`, reflect padding, computed once per image), which no
 trained kind of this project trains with, so the explainer cannot have learnt to please it. A :class:`TrustModel`
@@ -246,8 +246,8 @@ def peak_colour(x: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor, size: 
     """``colour`` (module docstring) of each mask (P, H, W) of the images ``x`` (B, 3, H, W), mask ``i`` being
     of image ``rows[i]``: the distance of the mean colour of the ``size`` x ``size`` pixels around its peak (the
     first maximum in row-major order; the square cut by the image's border) to the image's mean colour
-    weighted by ``1 - m``, over the sum of that distance and the one to the mean colour weighted by ``m``.
-    (P,) float."""
+    weighted by ``1 - m``, over the sum of that distance and the one to the mean colour weighted by ``m``; 0.5
+    when both are 0, or when the mask is empty or covers the whole image (no inside or no outside). (P,) float."""
     if not len(masks):
         return torch.zeros(0)
     x = x.float()
@@ -256,10 +256,13 @@ def peak_colour(x: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor, size: 
     patch = torch.nn.functional.avg_pool2d(x, size, 1, size // 2, count_include_pad=False).flatten(2)
     at = patch[rows, :, m.argmax(1)]  # (P, 3)
     xf = x.flatten(2)[rows]  # (P, 3, HW)
-    inside = torch.einsum("pcn,pn->pc", xf, m) / m.sum(1, keepdim=True).clamp(min=1e-12)
-    outside = torch.einsum("pcn,pn->pc", xf, 1 - m) / (1 - m).sum(1, keepdim=True).clamp(min=1e-12)
+    w_in, w_out = m.sum(1, keepdim=True), (1 - m).sum(1, keepdim=True)
+    inside = torch.einsum("pcn,pn->pc", xf, m) / w_in.clamp(min=1e-12)
+    outside = torch.einsum("pcn,pn->pc", xf, 1 - m) / w_out.clamp(min=1e-12)
     a, b = (at - inside).norm(dim=1), (at - outside).norm(dim=1)
-    return torch.where(a + b > 0, b / (a + b).clamp(min=1e-12), torch.full_like(a, 0.5))
+    # undecided (0.5): an empty mask or one that covers the whole image has no inside or no outside to compare
+    defined = (a + b > 0) & (w_in[:, 0] > 1e-6) & (w_out[:, 0] > 1e-6)
+    return torch.where(defined, b / (a + b).clamp(min=1e-12), torch.full_like(a, 0.5))
 
 
 def top_share(masks: torch.Tensor, share: float) -> torch.Tensor:

@@ -110,10 +110,12 @@ def plain_colour(x, m, size):
     a = torch.stack(pixels).double().mean(0)
     w_in = m.double().sum()
     w_out = (1 - m.double()).sum()
-    inside = sum(x[:, i, j].double() * float(m[i, j]) for i in range(H) for j in range(W)) / w_in
-    outside = sum(x[:, i, j].double() * float(1 - m[i, j]) for i in range(H) for j in range(W)) / w_out
+    inside = sum(x[:, i, j].double() * float(m[i, j]) for i in range(H) for j in range(W)) / max(w_in, 1e-12)
+    outside = sum(x[:, i, j].double() * float(1 - m[i, j]) for i in range(H) for j in range(W)) / max(w_out, 1e-12)
     d_in, d_out = float((a - inside).norm()), float((a - outside).norm())
-    return d_out / (d_in + d_out) if d_in + d_out > 0 else 0.5
+    if w_in <= 1e-6 or w_out <= 1e-6 or d_in + d_out == 0:
+        return 0.5
+    return d_out / (d_in + d_out)
 
 
 def plain_depth(m):
@@ -430,3 +432,6 @@ def test_colour_of_known_images():
     assert torch.allclose(peak_colour(x[:1], torch.zeros(2, dtype=torch.long), m[:2]), peak_colour(x[:2].expand(
         2, -1, -1, -1).clone()[[0, 0]], torch.arange(2), m[:2]))
     assert peak_colour(x, torch.zeros(0, dtype=torch.long), m[:0]).shape == (0,)
+    # nothing to compare: an empty mask, a mask over the whole image
+    flat = torch.stack([torch.zeros(20, 20), torch.ones(20, 20)])
+    assert peak_colour(x[:2], torch.arange(2), flat).tolist() == [0.5, 0.5]
