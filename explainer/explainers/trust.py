@@ -25,7 +25,8 @@ probability that the mask is good, from signals that need only the classifier ``
 ``colour``    how unlike the mask's outside the image looks at the mask's peak: with ``a`` the colour (the mean of
               the :data:`PEAK_PATCH` x :data:`PEAK_PATCH` pixels around the peak) and ``in``, ``out`` the image's
               mean colours weighted by ``m`` and by ``1 - m``, ``|a - out| / (|a - in| + |a - out|)`` (0.5 when
-              both are 0, or when the mask is empty or covers everything). A peak that looks like the mask's surroundings is a peak beside the object.
+              both are 0, or when the mask is empty or covers everything). A peak that looks like the mask's
+              surroundings is a peak beside the object.
 
 The fill is a Gaussian blur (sigma :data:`TRUST_BLUR_SIGMA`, reflect padding, computed once per image), which no
 trained kind of this project trains with, so the explainer cannot have learnt to please it. A :class:`TrustModel`
