@@ -256,10 +256,13 @@ def peak_colour(x: torch.Tensor, rows: torch.Tensor, masks: torch.Tensor, size: 
     m = masks.to(x.device).float().flatten(1)
     patch = torch.nn.functional.avg_pool2d(x, size, 1, size // 2, count_include_pad=False).flatten(2)
     at = patch[rows, :, m.argmax(1)]  # (P, 3)
-    xf = x.flatten(2)[rows]  # (P, 3, HW)
+    # the masks' weighted colour sums, 32 masks at a time (each holds a copy of its image: (32, 3, HW))
+    xf = x.flatten(2)
+    sums = [(torch.einsum("pcn,pn->pc", xf[rows[i:i + 32]], m[i:i + 32]),
+             torch.einsum("pcn,pn->pc", xf[rows[i:i + 32]], 1 - m[i:i + 32])) for i in range(0, len(m), 32)]
     w_in, w_out = m.sum(1, keepdim=True), (1 - m).sum(1, keepdim=True)
-    inside = torch.einsum("pcn,pn->pc", xf, m) / w_in.clamp(min=1e-12)
-    outside = torch.einsum("pcn,pn->pc", xf, 1 - m) / w_out.clamp(min=1e-12)
+    inside = torch.cat([s for s, _ in sums]) / w_in.clamp(min=1e-12)
+    outside = torch.cat([s for _, s in sums]) / w_out.clamp(min=1e-12)
     a, b = (at - inside).norm(dim=1), (at - outside).norm(dim=1)
     # undecided (0.5): an empty mask or one that covers the whole image has no inside or no outside to compare
     defined = (a + b > 0) & (w_in[:, 0] > 1e-6) & (w_out[:, 0] > 1e-6)
