@@ -428,9 +428,14 @@ def test_colour_of_known_images():
     assert float(c[1]) == pytest.approx((outside1 - 0.2) / ((inside1 - 0.2) + (outside1 - 0.2)), abs=1e-5)
     assert float(c[1]) < 0.2 < 0.8 < float(c[0])  # the background peak looks like the mask's surroundings
     assert float(c[2]) == 0.5
-    # rows pick each mask's image; an empty batch gives an empty signal
-    assert torch.allclose(peak_colour(x[:1], torch.zeros(2, dtype=torch.long), m[:2]), peak_colour(x[:2].expand(
-        2, -1, -1, -1).clone()[[0, 0]], torch.arange(2), m[:2]))
+    # rows pick each mask's image, across the 32-mask chunks: 70 masks of 3 images against one call per mask
+    g = torch.Generator().manual_seed(0)
+    xs, ms = torch.rand(3, 3, 20, 20, generator=g), torch.rand(70, 20, 20, generator=g)
+    rows = torch.arange(70) % 3
+    one_by_one = torch.cat([peak_colour(xs[rows[i]][None], torch.zeros(1, dtype=torch.long), ms[i:i + 1])
+                            for i in range(70)])
+    assert torch.allclose(peak_colour(xs, rows, ms), one_by_one, atol=1e-6)
+    # an empty batch gives an empty signal
     assert peak_colour(x, torch.zeros(0, dtype=torch.long), m[:0]).shape == (0,)
     # nothing to compare: an empty mask, a mask over the whole image
     flat = torch.stack([torch.zeros(20, 20), torch.ones(20, 20)])
