@@ -172,7 +172,8 @@ REPO = Path(explainer.__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["quickstart_evaluate", "results", "results_distill", "results_distill_extremal",
-                                  "results_extremal", "results_faithful", "results_ltx", "results_noltx"])
+                                  "results_extremal", "results_faithful", "results_ltx", "results_noltx",
+                                  "results_sharp", "results_sharp_baselines"])
 def test_synthetic_result_configs_use_validated_thresholds(name):
     cfg = E.load_config(REPO / "configs" / "synthetic" / f"{name}.yaml")  # keys, metric names and options checked
     assert {"iou", "boundary_f1", "energy_pointing", "wrong_object", "deletion_auc_nli"} <= set(cfg["metrics"])
