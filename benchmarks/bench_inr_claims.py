@@ -280,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        from explainer.core.io import atomic_write_text
+
+        atomic_write_text(args.out, text)
     return 0
 
 

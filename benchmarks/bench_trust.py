@@ -143,8 +143,9 @@ def main() -> None:
     for i, r in enumerate(fractions):
         print(f"| {r:.2f} | " + " | ".join(f"{curves[n][i][m]:.3f}" for m in metrics for n in orders) + " |")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=1))
+        from explainer.core.io import atomic_write_text
+
+        atomic_write_text(a.json, json.dumps(out, indent=1))
     if a.plot:
         from explainer.core.viz import plot_curves
 
