@@ -93,12 +93,13 @@ def main() -> None:
     full_refine_s = time.perf_counter() - t
     gt = g[rows]
     bad = bad_masks(maps0, gt, cls, threshold) > 0.5
-    iou0, iou1 = iou(maps0, gt, cls, threshold), iou(maps1, gt, cls, threshold)
-    ins0 = insertion_auc(e.explanandum, x[rows], maps0, cls, baseline="mean", steps=32)
-    ins1 = insertion_auc(e.explanandum, x[rows], maps1, cls, baseline="mean", steps=32)
-    # the blur fill: one the refinement never trains with (its objective removes pixels with the mean colour)
-    insb0 = insertion_auc(e.explanandum, x[rows], maps0, cls, baseline="blur", steps=32)
-    insb1 = insertion_auc(e.explanandum, x[rows], maps1, cls, baseline="blur", steps=32)
+    iou0 = iou(maps0, gt, cls, threshold)
+    # each measure before / after refinement, per mask; the blur fill is one the refinement never trains with (its
+    # objective removes pixels with the mean colour)
+    per_mask = {"iou": (iou0, iou(maps1, gt, cls, threshold))}
+    for key, fill in (("insertion", "mean"), ("insertion_blur", "blur")):
+        per_mask[key] = tuple(insertion_auc(e.explanandum, x[rows], m, cls, baseline=fill, steps=32)
+                              for m in (maps0, maps1))
     out["trust"] = {"masks": len(cls), "bad_share": float(bad.float().mean()), "auroc": trust_auroc(trust, bad),
                     "share_trust_ge_0.8": float((trust >= 0.8).float().mean()),
                     "good_among_trust_ge_0.8": float((~bad[trust >= 0.8]).float().mean())
@@ -116,9 +117,8 @@ def main() -> None:
             pick = order[:len(lowest_trust(trust, r))]
             sel = torch.zeros(len(cls), dtype=torch.bool)
             sel[pick] = True
-            rows_out.append({"r": r, "iou": float(torch.where(sel, iou1, iou0).nanmean()),
-                             "insertion": float(torch.where(sel, ins1, ins0).mean()),
-                             "insertion_blur": float(torch.where(sel, insb1, insb0).mean())})
+            rows_out.append({"r": r, **{key: float(torch.where(sel, after, before).nanmean())
+                                        for key, (before, after) in per_mask.items()}})
         curves[name] = rows_out
     out["curves"] = curves
     xs = [x[i] for i in range(len(x))]
@@ -131,17 +131,16 @@ def main() -> None:
     out["seconds"] = {"explanation_refine_0.2": times["0.2"], "explanation_refine_1.0": times["1.0"],
                       "refine_masks_all": full_refine_s}
     c = {row["r"]: row for row in curves["trust"]}
-    for metric in ("iou", "insertion", "insertion_blur"):
+    for metric in per_mask:
         gain = c[1.0][metric] - c[0.0][metric]
         part = c[0.2][metric] - c[0.0][metric]
         out[f"recovered_{metric}_at_0.2"] = part / gain if gain else float("nan")
     out["time_share_at_0.2"] = times["0.2"] / times["1.0"]
     print(json.dumps({k: v for k, v in out.items() if k != "curves"}, indent=1))
-    metrics = ("iou", "insertion", "insertion_blur")
-    print("| r | " + " | ".join(f"{m} ({n})" for m in metrics for n in orders) + " |\n|---:|"
-          + "---:|" * (len(metrics) * len(orders)))
+    print("| r | " + " | ".join(f"{m} ({n})" for m in per_mask for n in orders) + " |\n|---:|"
+          + "---:|" * (len(per_mask) * len(orders)))
     for i, r in enumerate(fractions):
-        print(f"| {r:.2f} | " + " | ".join(f"{curves[n][i][m]:.3f}" for m in metrics for n in orders) + " |")
+        print(f"| {r:.2f} | " + " | ".join(f"{curves[n][i][m]:.3f}" for m in per_mask for n in orders) + " |")
     if a.json:
         from explainer.core.io import atomic_write_text
 
