@@ -143,6 +143,10 @@ class ExplainerModule(TrainedExplainer):
         lambda_ent, lambda_tv, lambda_area, lambda_mask, lambda_nontarget:
             the paper's l_e, l_tv, l_a, l_m, l_n (official defaults 1, 1, 1, 0.1, 0.3).
         lambda_class: weight of the per-class extension term (0: the paper).
+        lambda_curve: weight of LTX's curve term (0: off; ``explainer.losses.curve_term``, as the distill kind
+            and per-image refinement use it): for one present class per image, the soft top 5, 10, 25 and 50 %
+            of its mask must keep the class and the image without them must lose it. It asks the one-pass
+            masks for what per-image refinement adds, at 8 more explanandum passes per image and step.
         sharpen: ``{"after": a, <setting>: value, ...}``: from the share ``a`` of the run's optimiser steps on,
             these objective settings (``lambda_mask``, ``area_max``, ``lambda_tail``, ...) replace the module's
             (masks first learn what each class needs, then are priced down to it; None: one objective).
@@ -167,7 +171,8 @@ class ExplainerModule(TrainedExplainer):
                  encoder_weights: str | None = None, init_encoder_from_explanandum: bool = True,
                  decoder_kwargs: dict | None = None, baseline: str = "mean", lambda_ent: float = 1.0,
                  lambda_tv: float = 1.0, lambda_area: float = 1.0, lambda_mask: float = 0.1,
-                 lambda_nontarget: float = 0.3, lambda_class: float = 0.0, lambda_tail: float = 0.0,
+                 lambda_nontarget: float = 0.3, lambda_class: float = 0.0, lambda_curve: float = 0.0,
+                 lambda_tail: float = 0.0,
                  tail_logit: float = 6.0, area_min: float = 0.05,
                  area_max: float = 0.3, lr: float = 1e-4, weight_decay: float = 0.0, optimizer: str = "adam",
                  lr_schedule: str = "constant", warmup_steps: int = 0, log_images: int = 4,
@@ -175,6 +180,8 @@ class ExplainerModule(TrainedExplainer):
                  sharpen: dict | None = None, explanandum_fingerprint: str | None = None):
         if inverse_fill not in INVERSE_FILLS:
             raise ValueError(f"inverse_fill: expected one of {INVERSE_FILLS}, got {inverse_fill!r}")
+        if isinstance(lambda_curve, bool) or not isinstance(lambda_curve, (int, float)) or not lambda_curve >= 0:
+            raise ValueError(f"lambda_curve: expected a number >= 0, got {lambda_curve!r}")
         if not 0 <= area_min <= area_max <= 1:
             raise ValueError(f"area_min/area_max: expected 0 <= area_min <= area_max <= 1, got {area_min}, {area_max}")
         super().__init__(explanandum, explanandum_fingerprint, baseline=baseline, lr=lr, weight_decay=weight_decay,
@@ -201,10 +208,13 @@ class ExplainerModule(TrainedExplainer):
         S = self(x).float()  # under bf16 autocast the mask terms (area quantiles, TV) are still taken in fp32
         s = torch.sigmoid(S)
         out = explainer_objective(self, x, y, S, self.objective_settings(), s, hp.get("inverse_fill", "baseline"))
+        index = torch.as_tensor(batch.get("index", torch.arange(x.shape[0], device=x.device)), device=x.device)
         if hp.lambda_class:
-            index = batch.get("index", torch.arange(x.shape[0], device=x.device))
-            out["class"] = self._class_term(x, s, y > 0.5, torch.as_tensor(index, device=x.device))
+            out["class"] = self._class_term(x, s, y > 0.5, index)
             out["loss"] = out["loss"] + hp.lambda_class * out["class"]
+        if hp.get("lambda_curve", 0.0):
+            out["curve"] = self._curve_term(x, S, y > 0.5, index)
+            out["loss"] = out["loss"] + hp.lambda_curve * out["curve"]
         out["_S"] = S.detach()
         return out
 
@@ -231,6 +241,17 @@ class ExplainerModule(TrainedExplainer):
         if not has.any():
             return logits.sum() * 0
         return losses.classification_loss(logits[has], onehot[has], self.explanandum.multilabel)
+
+    def _curve_term(self, x, S, present, index):
+        """LTX's curve term (``explainer.losses.curve_term``, the module's masking baseline) of the mask logits
+        of one present class per image (the same pick as the class term's)."""
+        c = pick_present(present, index, int(self.global_step))
+        rows = present.any(1).nonzero().flatten()
+        if not len(rows):
+            return S.sum() * 0
+        z = S[rows, c[rows]][:, None]
+        onehot = F.one_hot(c[rows], self.num_classes).float()
+        return losses.curve_term(self.explanandum, x[rows], z, onehot, self.baseline).mean()
 
     def validation_step(self, batch, batch_idx):
         out = self.compute_losses(batch)

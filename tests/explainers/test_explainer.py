@@ -239,6 +239,37 @@ def test_sharpen_switches_the_objective_at_its_share_of_the_steps(tiny_voc, clf,
             ExplainerModule(**tiny_explainer_kwargs(clf, sharpen=bad))
 
 
+def test_curve_term_is_ltx_curve_term_of_one_present_class_per_image(tiny_voc, clf):
+    """``lambda_curve``: the term is, image by image, LTX's curve term of the mask logits of the class the class
+    term picks (a loop of one-image calls of ``losses.curve_term``, averaged), and it adds ``lambda_curve`` times
+    itself to the loss; images without a present class add nothing; a negative weight is refused."""
+    from explainer import losses
+    from explainer.explainers.explainer import pick_present
+
+    pl.seed_everything(0)
+    model = ExplainerModule(**tiny_explainer_kwargs(clf, lambda_curve=2.0)).eval()
+    dm = _dm(tiny_voc)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    batch["labels"][0] = 0  # one image without a present class
+    with torch.no_grad():
+        out = model.compute_losses(batch)
+        model.hparams.lambda_curve = 0.0
+        base = model.compute_losses(batch)
+        S, x, present = out["_S"], batch["image"], batch["labels"] > 0.5
+        index = torch.as_tensor(batch.get("index", torch.arange(x.shape[0])))
+        c = pick_present(present, index, 0)
+        per_image = [losses.curve_term(model.explanandum, x[i:i + 1], S[i:i + 1, c[i]][:, None],
+                                       torch.nn.functional.one_hot(c[i:i + 1], model.num_classes).float(),
+                                       model.baseline).mean()
+                     for i in range(x.shape[0]) if present[i].any()]
+    assert 0 < len(per_image) < x.shape[0] and "curve" not in base
+    assert torch.allclose(out["curve"], torch.stack(per_image).mean(), atol=1e-5)
+    assert torch.allclose(out["loss"], base["loss"] + 2.0 * out["curve"], atol=1e-5)
+    with pytest.raises(ValueError, match="lambda_curve"):
+        ExplainerModule(**tiny_explainer_kwargs(clf, lambda_curve=-1.0))
+
+
 def test_config_errors(tmp_path):
     from explainer.pipelines.train import train_cli
 
