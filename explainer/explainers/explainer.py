@@ -208,13 +208,18 @@ class ExplainerModule(TrainedExplainer):
         S = self(x).float()  # under bf16 autocast the mask terms (area quantiles, TV) are still taken in fp32
         s = torch.sigmoid(S)
         out = explainer_objective(self, x, y, S, self.objective_settings(), s, hp.get("inverse_fill", "baseline"))
-        index = torch.as_tensor(batch.get("index", torch.arange(x.shape[0], device=x.device)), device=x.device)
+        lambda_curve = hp.get("lambda_curve", 0.0)
+        if hp.lambda_class or lambda_curve:
+            # one present class per image (pseudo-random in (index, step)), explained by both terms
+            present = y > 0.5
+            index = torch.as_tensor(batch.get("index", torch.arange(x.shape[0], device=x.device)), device=x.device)
+            c = pick_present(present, index, int(self.global_step))
         if hp.lambda_class:
-            out["class"] = self._class_term(x, s, y > 0.5, index)
+            out["class"] = self._class_term(x, s, present, c)
             out["loss"] = out["loss"] + hp.lambda_class * out["class"]
-        if hp.get("lambda_curve", 0.0):
-            out["curve"] = self._curve_term(x, S, y > 0.5, index)
-            out["loss"] = out["loss"] + hp.lambda_curve * out["curve"]
+        if lambda_curve:
+            out["curve"] = self._curve_term(x, S, present, c)
+            out["loss"] = out["loss"] + lambda_curve * out["curve"]
         out["_S"] = S.detach()
         return out
 
@@ -231,9 +236,8 @@ class ExplainerModule(TrainedExplainer):
                 out.update({k: v for k, v in sharpen.items() if k != "after"})
         return out
 
-    def _class_term(self, x, s, present, index):
-        """BCE(f(x masked by s_c), one-hot(c)) for one present class c per image (the extension)."""
-        c = pick_present(present, index, int(self.global_step))
+    def _class_term(self, x, s, present, c):
+        """BCE(f(x masked by s_c), one-hot(c)) for the picked present class c (B,) of each image (the extension)."""
         has = present.any(1)
         sc = s.gather(1, c.view(-1, 1, 1, 1).expand(-1, 1, *s.shape[-2:]))
         logits = self.explanandum(self.mask(x, sc))
@@ -242,10 +246,9 @@ class ExplainerModule(TrainedExplainer):
             return logits.sum() * 0
         return losses.classification_loss(logits[has], onehot[has], self.explanandum.multilabel)
 
-    def _curve_term(self, x, S, present, index):
+    def _curve_term(self, x, S, present, c):
         """LTX's curve term (``explainer.losses.curve_term``, the module's masking baseline) of the mask logits
-        of one present class per image (the same pick as the class term's)."""
-        c = pick_present(present, index, int(self.global_step))
+        of the picked present class c (B,) of each image that has one."""
         rows = present.any(1).nonzero().flatten()
         if not len(rows):
             return S.sum() * 0
